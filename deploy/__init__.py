@@ -1,0 +1,1 @@
+"""Vertex AI job specs, their offline validation and submission."""

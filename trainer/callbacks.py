@@ -1,0 +1,90 @@
+"""Callbacks: epoch extras for TensorBoard, NaN guard, and resumable backups.
+
+``EpochExtras`` adds the learning rate, the phase and throughput to each
+epoch's logs; because it runs before Keras's TensorBoard callback and shares
+its logs dict, TensorBoard writes them next to loss and accuracy (as
+``epoch_learning_rate``, ``epoch_phase``, ``epoch_images_per_second``), and
+the chief-only logic of that callback applies to them too.
+"""
+
+import math
+import time
+
+import tensorflow as tf
+import tf_keras as keras
+
+
+class EpochExtras(keras.callbacks.Callback):
+    """Adds learning_rate, phase and images_per_second to epoch logs."""
+
+    def __init__(self, phase: int, global_batch_size: int):
+        super().__init__()
+        self._phase = phase
+        self._global_batch_size = global_batch_size
+        self._start = 0.0
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+
+    def on_test_begin(self, logs=None):
+        # Throughput counts training steps only, not the validation pass.
+        self._train_seconds = time.perf_counter() - self._start
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        seconds = getattr(self, "_train_seconds", None) or (time.perf_counter() - self._start)
+        self._train_seconds = None
+        logs["learning_rate"] = _current_learning_rate(self.model.optimizer)
+        logs["phase"] = float(self._phase)
+        logs["images_per_second"] = self._steps * self._global_batch_size / max(seconds, 1e-9)
+
+
+def _current_learning_rate(optimizer) -> float:
+    lr = optimizer.learning_rate
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        lr = lr(optimizer.iterations)
+    return float(tf.keras.backend.get_value(lr) if not tf.is_tensor(lr) else lr.numpy())
+
+
+class RaiseOnNaN(keras.callbacks.Callback):
+    """Stops a broken run loudly instead of training on garbage.
+
+    Checked per epoch: a per-step check would sync the host with the
+    accelerator every step.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"Loss became {loss} in epoch {epoch + 1}; lower the learning "
+                "rate or check the input data.")
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that also backs up at every epoch end.
+
+    Keras's callback with an integer ``save_freq`` backs up only every N
+    steps, so a restart after a finished epoch could redo up to N steps. Here
+    the epoch end is always backed up too, recorded as the epoch's last batch,
+    which Keras restores as "start the next epoch". Checkpoints are kept
+    after training: a finished phase restores as finished, so re-running a
+    completed job goes straight to export.
+    """
+
+    def __init__(self, backup_dir: str, every_steps: int = 0):
+        super().__init__(backup_dir, save_freq=every_steps or "epoch",
+                         delete_checkpoint=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_freq == "epoch":
+            super().on_epoch_end(epoch, logs)
+        else:
+            self._batches_count = 0
+            self._backup(epoch=epoch, batch=self.params["steps"] - 1)

@@ -1,0 +1,117 @@
+"""Who am I in the job, and which tf.distribute strategy to build.
+
+Reads ``TF_CONFIG`` (set by Vertex AI for multi-replica jobs and by our own
+multi-worker tests). Vertex AI also sets ``CLUSTER_SPEC``, whose
+``workerpool0`` is the chief pool; ``TF_CONFIG`` carries the same information
+in TensorFlow's own vocabulary (``chief`` / ``worker`` / ``evaluator``), so
+TF_CONFIG is used when present and CLUSTER_SPEC only as a fallback.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Mapping, Optional
+
+import tensorflow as tf
+
+# Vertex AI's pool order: workerpool0 is the chief pool, 1 the workers,
+# 2 the parameter servers (or Reduction Server), 3 the evaluators.
+_POOL_ROLES = {"workerpool0": "chief", "workerpool1": "worker",
+               "workerpool2": "ps", "workerpool3": "evaluator"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+    """This process's place in the job."""
+
+    task_type: str = "chief"
+    task_id: int = 0
+    num_workers: int = 1  # Chief plus workers: the processes that train.
+    has_chief_task: bool = True
+
+    @property
+    def is_chief(self) -> bool:
+        """The chief writes summaries, exports and final files.
+
+        Without a chief task, worker 0 is the chief (TensorFlow's convention).
+        """
+        return self.task_type == "chief" or (
+            self.task_type == "worker" and self.task_id == 0 and not self.has_chief_task)
+
+    @property
+    def is_multi_worker(self) -> bool:
+        return self.num_workers > 1
+
+
+def cluster_info(environ: Optional[Mapping[str, str]] = None) -> ClusterInfo:
+    """Reads this process's role from TF_CONFIG, else CLUSTER_SPEC."""
+    environ = os.environ if environ is None else environ
+    if environ.get("TF_CONFIG"):
+        tf_config = json.loads(environ["TF_CONFIG"])
+        cluster = tf_config.get("cluster", {})
+        task = tf_config.get("task", {})
+    elif environ.get("CLUSTER_SPEC"):
+        spec = json.loads(environ["CLUSTER_SPEC"])
+        cluster = {_POOL_ROLES.get(k, k): v for k, v in spec.get("cluster", {}).items()}
+        task = {"type": _POOL_ROLES.get(spec["task"]["type"], spec["task"]["type"]),
+                "index": spec["task"].get("index", 0)}
+    else:
+        return ClusterInfo()
+    num_workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    return ClusterInfo(
+        task_type=task.get("type", "chief"),
+        task_id=int(task.get("index", 0)),
+        num_workers=max(num_workers, 1),
+        has_chief_task=bool(cluster.get("chief")),
+    )
+
+
+def choose_strategy(requested: str, tpu: str, info: ClusterInfo, num_gpus: int) -> str:
+    """Resolves ``--strategy=auto`` to a concrete strategy name."""
+    if requested != "auto":
+        return requested
+    if tpu:
+        return "tpu"
+    if info.is_multi_worker:
+        return "multi_worker"
+    if num_gpus > 1:
+        return "mirrored"
+    return "one_device"
+
+
+def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
+    """Builds the named strategy. Must run before any other TensorFlow op."""
+    if name == "one_device":
+        # The default strategy: one replica on the first GPU, else the CPU.
+        # (Keras's BackupAndRestore does not accept OneDeviceStrategy.)
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        return _create_tpu_strategy(tpu)
+    raise ValueError(f"Unknown strategy {name!r}.")
+
+
+def _create_tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.OpError, RuntimeError) as e:
+        raise RuntimeError(
+            f"--strategy=tpu: no TPU reachable (--tpu={tpu!r}): {e}") from e
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def worker_dir(directory: str, info: ClusterInfo) -> str:
+    """Where this worker writes files that only the chief's copy should keep.
+
+    Under MultiWorkerMirroredStrategy every worker must run saves (they hold
+    collective ops); non-chief workers write to a scratch folder beside the
+    real one, which the caller removes afterwards.
+    """
+    if info.is_chief:
+        return directory
+    return f"{directory.rstrip('/')}/.worker_{info.task_type}_{info.task_id}"

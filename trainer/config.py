@@ -1,0 +1,268 @@
+"""Flags, their validation, presets and the resolved ``Config`` of a run.
+
+Flag defaults reproduce the reference recipe (TensorFlow's transfer-learning
+tutorial): MobileNetV2 at 160x160, batch 32 per replica, 10 frozen epochs with
+Adam 1e-4, then 10 epochs from layer 100 on with RMSprop 1e-5.
+
+Only ``task.py`` (and the other command-line modules) parse flags; everything
+below them takes the ``Config`` built here. This module and ``cluster.py`` are
+the only ones that read environment variables (Vertex AI's ``AIP_*``).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Mapping, Optional
+
+from absl import flags
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+CACHE_MEMORY = "memory"
+CACHE_NONE = "none"
+# --weights value of the demo: pre-train the backbone on the generated source task.
+DEMO_SOURCE_WEIGHTS = "demo_source"
+
+# The demo trains on generated shapes with a small backbone pre-trained on a
+# generated source task (see trainer/demo.py). These values replace the
+# defaults of any flag the user did not set when --data_dir is empty.
+DEMO_PRESET = {
+    "backbone": "demo_cnn",
+    "image_size": 64,
+    "batch_size": 32,
+    "epochs": 6,
+    "fine_tune_epochs": 4,
+    "fine_tune_at": 4,
+    "learning_rate": 3e-3,
+    "fine_tune_learning_rate": 3e-4,
+    "weights": DEMO_SOURCE_WEIGHTS,
+}
+
+
+class ConfigError(ValueError):
+    """A flag value or path that cannot work; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs, resolved from flags and the environment."""
+
+    data_dir: str
+    job_dir: str
+    model_dir: str
+    checkpoint_dir: str
+    log_dir: str
+    image_size: int
+    batch_size: int
+    epochs: int
+    fine_tune_epochs: int
+    fine_tune_at: int
+    learning_rate: float
+    fine_tune_learning_rate: float
+    dropout: float
+    backbone: str
+    weights: str
+    augment: bool
+    strategy: str
+    tpu: str
+    seed: int
+    checkpoint_every_steps: int
+    test_fraction: float
+    cache: str
+    shuffle_buffer: int
+    demo: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the trainer's flags on ``flag_values``.
+
+    A function rather than module-level definitions so that other tools (the
+    Vertex AI spec validator) can parse trainer arguments into a fresh
+    ``FlagValues`` with exactly the trainer's definitions.
+    """
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string(
+        "data_dir", "",
+        "Input data, local or gs://: a folder with train/ and validation/ "
+        "(optionally test/) of class-named image subfolders, or the output of "
+        "trainer.prepare (manifest.json + TFRecords). Empty: generate and train "
+        "on the embedded demo dataset.", **fv)
+    flags.DEFINE_string(
+        "job_dir", "job",
+        "Root for outputs, local or gs://: model/, checkpoints/, logs/. "
+        "Vertex AI's AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and "
+        "AIP_TENSORBOARD_LOG_DIR take precedence when set. Re-running with the "
+        "same job_dir resumes.", **fv)
+    flags.DEFINE_integer("image_size", 160, "Side of the square model input, in pixels.", **fv)
+    flags.DEFINE_integer(
+        "batch_size", 32,
+        "Images per replica per step; the global batch is this times the "
+        "number of replicas in sync.", **fv)
+    flags.DEFINE_integer("epochs", 10, "Epochs of phase 1 (frozen backbone, head only).", **fv)
+    flags.DEFINE_integer(
+        "fine_tune_epochs", 10,
+        "Epochs of phase 2 (backbone layers from --fine_tune_at on train too); "
+        "0 skips phase 2.", **fv)
+    flags.DEFINE_integer(
+        "fine_tune_at", 100,
+        "Index of the first backbone layer unfrozen in phase 2.", **fv)
+    flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate of phase 1.", **fv)
+    flags.DEFINE_float(
+        "fine_tune_learning_rate", 1e-5, "RMSprop learning rate of phase 2.", **fv)
+    flags.DEFINE_float(
+        "dropout", 0.2, "Dropout rate before the logit layer, in [0, 1).", **fv)
+    flags.DEFINE_string(
+        "backbone", "mobilenet_v2",
+        "Backbone name from the registry in trainer/model.py.", **fv)
+    flags.DEFINE_string(
+        "weights", "imagenet",
+        "Backbone initialisation: 'imagenet', 'none' (random), or a path to a "
+        "Keras weights file (.h5 or .weights.h5, local or gs://).", **fv)
+    flags.DEFINE_bool(
+        "augment", True,
+        "Random horizontal flip and rotation (0.2 of a turn) during training.", **fv)
+    flags.DEFINE_enum(
+        "strategy", "auto", STRATEGIES,
+        "tf.distribute strategy. 'auto': tpu when --tpu is set, multi_worker "
+        "when TF_CONFIG names several tasks, mirrored with several GPUs, else "
+        "one_device.", **fv)
+    flags.DEFINE_string(
+        "tpu", "",
+        "TPU name or address for TPUClusterResolver ('local' on a TPU VM). "
+        "Implies --strategy=tpu under 'auto'.", **fv)
+    flags.DEFINE_integer("seed", 42, "Seed for data order, splits and initialisation.", **fv)
+    flags.DEFINE_integer(
+        "checkpoint_every_steps", 0,
+        "Back up the training state every this many steps (and at every epoch "
+        "end); 0 backs up at epoch ends only.", **fv)
+    flags.DEFINE_float(
+        "test_fraction", 0.2,
+        "Without a test/ split, this fraction of validation images (chosen "
+        "deterministically by --seed) is held out as the test split.", **fv)
+    flags.DEFINE_string(
+        "cache", CACHE_MEMORY,
+        "Cache decoded, resized images: 'memory', 'none', or a file path "
+        "prefix for an on-disk cache.", **fv)
+    flags.DEFINE_integer(
+        "shuffle_buffer", 10000, "Shuffle buffer of the training set, in images.", **fv)
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                      environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Builds and validates the Config of a run from parsed flags."""
+    environ = os.environ if environ is None else environ
+    values = {name: flag_values[name].value for name in _flag_names()}
+    demo = not values["data_dir"]
+    if demo:
+        for name, value in DEMO_PRESET.items():
+            if not flag_values[name].present:
+                values[name] = value
+    dirs = resolve_output_dirs(values["job_dir"], environ,
+                               job_dir_given=flag_values["job_dir"].present)
+    config = Config(demo=demo, **{**values, **dirs})
+    validate(config)
+    return config
+
+
+def _flag_names():
+    return [f.name for f in dataclasses.fields(Config)
+            if f.name not in ("model_dir", "checkpoint_dir", "log_dir", "demo")]
+
+
+def resolve_output_dirs(job_dir: str, environ: Mapping[str, str],
+                        job_dir_given: bool = True) -> dict:
+    """Output folders, following Vertex AI's AIP_* variables when set.
+
+    On Vertex AI with ``baseOutputDirectory`` and no --job_dir, the job dir
+    (config.json, metrics.json) is the parent of AIP_MODEL_DIR, so every
+    output lands under the base output directory.
+    """
+    job_dir = job_dir.rstrip("/")
+    if not job_dir_given and environ.get("AIP_MODEL_DIR"):
+        job_dir = environ["AIP_MODEL_DIR"].rstrip("/").rsplit("/", 1)[0]
+    return dict(
+        job_dir=job_dir,
+        model_dir=environ.get("AIP_MODEL_DIR") or f"{job_dir}/model",
+        checkpoint_dir=environ.get("AIP_CHECKPOINT_DIR") or f"{job_dir}/checkpoints",
+        log_dir=environ.get("AIP_TENSORBOARD_LOG_DIR") or f"{job_dir}/logs",
+    )
+
+
+def validate(config: Config) -> None:
+    """Raises ConfigError naming the first flag whose value cannot work.
+
+    Only cheap checks live here: values, ranges and path existence. Nothing is
+    built and no data is read beyond listing a folder.
+    """
+    from trainer import model  # The registry, for backbone names.
+
+    checks = [
+        ("image_size", config.image_size >= 32, "must be at least 32 pixels"),
+        ("batch_size", config.batch_size >= 1, "must be at least 1"),
+        ("epochs", config.epochs >= 0, "must be 0 or more"),
+        ("fine_tune_epochs", config.fine_tune_epochs >= 0, "must be 0 or more"),
+        ("epochs", config.epochs + config.fine_tune_epochs > 0,
+         "and --fine_tune_epochs are both 0: nothing to train"),
+        ("fine_tune_at", config.fine_tune_at >= 0, "must be 0 or more"),
+        ("learning_rate", config.learning_rate > 0, "must be positive"),
+        ("fine_tune_learning_rate", config.fine_tune_learning_rate > 0, "must be positive"),
+        ("dropout", 0.0 <= config.dropout < 1.0, "must be in [0, 1)"),
+        ("backbone", config.backbone in model.BACKBONES,
+         f"must be one of {sorted(model.BACKBONES)}"),
+        ("test_fraction", 0.0 <= config.test_fraction < 1.0, "must be in [0, 1)"),
+        ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, "must be 0 or more"),
+        ("shuffle_buffer", config.shuffle_buffer >= 1, "must be at least 1"),
+        ("job_dir", bool(config.job_dir), "must not be empty"),
+        ("tpu", not (config.tpu and config.strategy not in ("auto", "tpu")),
+         f"is set but --strategy={config.strategy}; use --strategy=tpu or auto"),
+    ]
+    for name, ok, message in checks:
+        if not ok:
+            value = getattr(config, name)
+            raise ConfigError(f"--{name}={value!r} {message}.")
+    if not (config.demo and config.weights == DEMO_SOURCE_WEIGHTS):
+        _validate_weights(config.weights)
+    if not config.demo:
+        _validate_data_dir(config.data_dir)
+
+
+def _validate_weights(weights: str) -> None:
+    import tensorflow as tf
+
+    if weights in ("imagenet", "none"):
+        return
+    if not tf.io.gfile.exists(weights):
+        raise ConfigError(
+            f"--weights={weights!r}: no such file; use 'imagenet', 'none' or "
+            "the path of a Keras weights file.")
+
+
+def _validate_data_dir(data_dir: str) -> None:
+    import tensorflow as tf
+
+    if not tf.io.gfile.isdir(data_dir):
+        raise ConfigError(f"--data_dir={data_dir!r}: no such folder.")
+    if tf.io.gfile.exists(f"{data_dir.rstrip('/')}/manifest.json"):
+        return
+    for split in ("train", "validation"):
+        if not tf.io.gfile.isdir(f"{data_dir.rstrip('/')}/{split}"):
+            raise ConfigError(
+                f"--data_dir={data_dir!r} has no {split}/ folder (expected "
+                "train/ and validation/ of class-named subfolders, or a "
+                "manifest.json from trainer.prepare).")
+
+
+def write_config(config: Config, directory: str) -> str:
+    """Writes the resolved config as JSON beside the results; returns its path."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(directory)
+    path = f"{directory.rstrip('/')}/config.json"
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(config.to_json())
+    return path

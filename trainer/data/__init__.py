@@ -1,0 +1,1 @@
+"""Data: the record schema, dataset preparation, input pipelines and the demo data."""

@@ -1,0 +1,59 @@
+"""Entry point: ``python -m trainer.task --flag=...`` (the command Vertex AI runs).
+
+Parses flags into a Config, builds the strategy and hands both to the
+trainer (or to the demo when no --data_dir is given). Nothing else.
+"""
+
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+import json
+
+import tensorflow as tf
+from absl import app
+from absl import flags
+from absl import logging
+
+from trainer import cluster
+from trainer import config as config_lib
+from trainer import demo
+from trainer import train
+
+FLAGS = flags.FLAGS
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        config = config_lib.config_from_flags(FLAGS)
+    except config_lib.ConfigError as e:
+        raise app.UsageError(str(e)) from None
+    info = cluster.cluster_info()
+    name = cluster.choose_strategy(config.strategy, config.tpu, info,
+                                   len(tf.config.list_physical_devices("GPU")))
+    strategy = cluster.create_strategy(name, config.tpu)
+    logging.info("Strategy %s with %d replicas; task %s/%d.", name,
+                 strategy.num_replicas_in_sync, info.task_type, info.task_id)
+    run = demo.run_demo if config.demo else train.train_and_evaluate
+    metrics = run(config, strategy, info)
+    if info.is_chief:
+        _print_summary(config, metrics)
+
+
+def _print_summary(config: config_lib.Config, metrics: dict) -> None:
+    accuracies = {split: round(metrics[split]["accuracy"], 4)
+                  for split in ("validation", "test") if split in metrics}
+    print(f"\nAccuracy: {json.dumps(accuracies)}")
+    print(f"Model:       {config.model_dir}")
+    print(f"Checkpoints: {config.checkpoint_dir}")
+    print(f"Metrics:     {config.job_dir}/metrics.json")
+    print(f"TensorBoard: tensorboard --logdir {config.log_dir}")
+
+
+def main():
+    config_lib.define_flags()
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()

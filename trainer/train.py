@@ -1,0 +1,146 @@
+"""train_and_evaluate: the two-phase transfer-learning recipe, resumable.
+
+Phase 1 trains the head on a frozen backbone (Adam); phase 2 unfreezes the
+backbone from ``fine_tune_at`` on and continues at a lower learning rate
+(RMSprop). Phase 2 continues the epoch count, so TensorBoard curves join.
+
+Each phase backs up its state (weights, optimizer, epoch and step) under
+``checkpoint_dir/phase<N>``; re-running the same command restores it, and a
+finished phase restores as finished. Only the chief writes summaries, the
+config, the model and the metrics; other workers write to scratch folders.
+"""
+
+import dataclasses
+import math
+import os
+import tempfile
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+import tf_keras as keras
+from absl import logging
+
+from trainer import callbacks as callbacks_lib
+from trainer import cluster
+from trainer import config as config_lib
+from trainer import evaluate
+from trainer import export
+from trainer import model as model_lib
+from trainer.data import pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One fit: its epochs [first_epoch, last_epoch), optimizer and learning rate."""
+
+    number: int
+    first_epoch: int
+    last_epoch: int
+    optimizer: str
+    learning_rate: float
+
+
+def phases(config: config_lib.Config) -> List[Phase]:
+    """The recipe's phases; a phase with no epochs is left out."""
+    all_phases = [
+        Phase(1, 0, config.epochs, "adam", config.learning_rate),
+        Phase(2, config.epochs, config.epochs + config.fine_tune_epochs, "rmsprop",
+              config.fine_tune_learning_rate),
+    ]
+    return [p for p in all_phases if p.last_epoch > p.first_epoch]
+
+
+def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strategy,
+                       info: Optional[cluster.ClusterInfo] = None) -> Dict:
+    """Trains, exports and evaluates; returns the final metrics (chief) or {}."""
+    info = info or cluster.ClusterInfo()
+    tf.keras.utils.set_random_seed(config.seed)
+
+    # ---------------------------------------------------------------- Input
+    data = pipeline.describe(config.data_dir, config.test_fraction, config.seed)
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
+    train_split = data.splits["train"]
+    steps_per_epoch = max(1, math.ceil(train_split.count / global_batch))
+    train_data = _distribute(strategy, train_split, config, training=True)
+    validation_data = _distribute(strategy, data.splits["validation"], config, training=False)
+    logging.info("Classes %s; %d train images, %d steps of %d per epoch.",
+                 list(data.class_names), train_split.count, steps_per_epoch, global_batch)
+
+    # ------------------------------------------------------ Model and outputs
+    weights = _local_weights(config.weights)
+    if weights is None and config.epochs:
+        logging.warning("--weights=none: phase 1 trains a head on random, frozen "
+                        "features; expect chance accuracy unless phase 2 trains the backbone.")
+    with strategy.scope():
+        model = model_lib.create_model(
+            config.backbone, data.num_classes, config.image_size, config.dropout,
+            weights=weights, augment=config.augment, seed=config.seed)
+    if info.is_chief:
+        config_lib.write_config(config, config.job_dir)
+
+    # -------------------------------------------------------------- Phases
+    history: Dict[str, list] = {}
+    for phase in phases(config):
+        result = _run_phase(model, phase, config, strategy, info, data.num_classes,
+                            train_data, validation_data, steps_per_epoch, global_batch)
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(values)
+
+    # -------------------------------------------------------------- Export
+    model_dir = cluster.worker_dir(config.model_dir, info)
+    export.export_model(model, data.class_names, config.image_size, model_dir)
+    if not info.is_chief:
+        tf.io.gfile.rmtree(model_dir)
+        return {}
+
+    # ------------------------------------------------------------ Evaluate
+    metrics = evaluate.evaluate_splits(config.model_dir, data, config.image_size)
+    metrics["history"] = history
+    evaluate.write_metrics(metrics, f"{config.job_dir}/metrics.json")
+    return metrics
+
+
+def _distribute(strategy, split, config, training):
+    def dataset_fn(input_context):
+        return pipeline.make_dataset(
+            split, config.image_size, input_context.get_per_replica_batch_size(
+                config.batch_size * strategy.num_replicas_in_sync),
+            training=training, input_context=input_context, cache=config.cache,
+            shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _run_phase(model, phase: Phase, config, strategy, info, num_classes,
+               train_data, validation_data, steps_per_epoch, global_batch):
+    model_lib.set_trainable_for_phase(model, phase.number, config.fine_tune_at)
+    with strategy.scope():
+        loss, metrics = model_lib.loss_and_metrics(num_classes)
+        optimizer = {"adam": keras.optimizers.Adam,
+                     "rmsprop": keras.optimizers.RMSprop}[phase.optimizer](phase.learning_rate)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=False)
+    backup_dir = f"{config.checkpoint_dir}/phase{phase.number}"
+    if tf.io.gfile.exists(backup_dir):
+        logging.info("Phase %d: resuming from %s.", phase.number, backup_dir)
+    logging.info("Phase %d: epochs %d-%d, %s lr %g, %d trainable weights.",
+                 phase.number, phase.first_epoch + 1, phase.last_epoch, phase.optimizer,
+                 phase.learning_rate, len(model.trainable_weights))
+    callbacks = [
+        callbacks_lib.EpochExtras(phase.number, global_batch),
+        callbacks_lib.RaiseOnNaN(),
+        callbacks_lib.Backup(backup_dir, config.checkpoint_every_steps),
+        keras.callbacks.TensorBoard(config.log_dir, write_graph=False, profile_batch=0),
+    ]
+    return model.fit(train_data, epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
+                     steps_per_epoch=steps_per_epoch, validation_data=validation_data,
+                     callbacks=callbacks, verbose=2)
+
+
+def _local_weights(weights: str) -> Optional[str]:
+    """'imagenet', None, or a local copy of a weights file (h5py cannot read gs://)."""
+    if weights == "none":
+        return None
+    if weights == "imagenet" or not weights.startswith("gs://"):
+        return weights
+    local = os.path.join(tempfile.mkdtemp(prefix="weights_"), os.path.basename(weights))
+    tf.io.gfile.copy(weights, local, overwrite=True)
+    return local
