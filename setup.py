@@ -18,10 +18,13 @@ setup(
         "numpy>=1.26",
         "tensorboard>=2.20",
         "google-cloud-storage>=2.18",
-        "pillow>=10.0",
+        "pillow>=10.1",  # ImageFont.load_default(size=...) for the TensorBoard pictures.
     ],
     extras_require={
-        "vertex": ["google-cloud-aiplatform>=1.70", "pyyaml>=6.0"],
+        # deploy.submit: the Vertex AI client, the spec files, and the sdist of package
+        # specs (built without isolation, so with the setuptools installed here).
+        "vertex": ["google-cloud-aiplatform>=1.70", "pyyaml>=6.0", "build>=1.0",
+                   "setuptools>=61"],
         "hypertune": ["cloudml-hypertune>=0.1.0.dev6"],
         "plots": ["matplotlib>=3.8"],
         "test": [
@@ -30,6 +33,8 @@ setup(
             "google-cloud-aiplatform>=1.70",
             "pyyaml>=6.0",
             "dockerfile-parse>=2.0",
+            "build>=1.0",
+            "setuptools>=61",
             "cloudml-hypertune>=0.1.0.dev6",
             "matplotlib>=3.8",
             "cryptography>=42",
@@ -38,6 +43,11 @@ setup(
     entry_points={
         "console_scripts": [
             "trainer-task=trainer.task:main",
+            "trainer-prepare=trainer.prepare:main",
+            "vertex-submit=deploy.submit:main",
+            "trainer-evaluate=trainer.evaluate:main",
+            "trainer-predict=trainer.predict:main",
+            "trainer-tflite=trainer.tflite:main",
         ],
     },
 )

@@ -1,4 +1,4 @@
-"""Callbacks: epoch extras for TensorBoard, NaN guard, and resumable backups.
+"""Callbacks: epoch extras for TensorBoard, NaN guard, resumable backups, hypertune.
 
 ``EpochExtras`` adds the learning rate, the phase and throughput to each
 epoch's logs; because it runs before Keras's TensorBoard callback and shares
@@ -7,11 +7,13 @@ its logs dict, TensorBoard writes them next to loss and accuracy (as
 the chief-only logic of that callback applies to them too.
 """
 
+import functools
 import math
 import time
 
 import tensorflow as tf
 import tf_keras as keras
+from absl import logging
 
 
 class EpochExtras(keras.callbacks.Callback):
@@ -88,3 +90,52 @@ class Backup(keras.callbacks.BackupAndRestore):
         else:
             self._batches_count = 0
             self._backup(epoch=epoch, batch=self.params["steps"] - 1)
+
+
+class HypertuneReporter(keras.callbacks.Callback):
+    """Reports one epoch metric to a Vertex AI hyperparameter tuning study.
+
+    cloudml-hypertune writes the value where the tuning service reads it; the
+    epoch number (continued across phases) is the measurement's step, so the
+    study sees one curve per trial. The caller decides whether this process
+    should report (the chief of a tuning trial), so nothing here reads the
+    environment. A no-op when disabled, when ``metric`` is empty, or when
+    cloudml-hypertune is not installed (the ``hypertune`` extra).
+
+    Args:
+      metric: the epoch log to report, e.g. ``val_accuracy``; "" disables.
+      enabled: whether this process reports (the chief of a tuning trial).
+      client: a ``hypertune.HyperTune``; by default one shared by the whole
+        process, because each client rewrites the metric file with only its
+        own reports and every phase makes a new callback.
+    """
+
+    def __init__(self, metric: str, enabled: bool, client=None):
+        super().__init__()
+        self._metric = metric
+        self._client = None
+        if enabled and metric:
+            self._client = client or _shared_hypertune_client()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._client is None:
+            return
+        logs = logs or {}
+        if self._metric not in logs:
+            # A study fed nothing fails every trial at the end; fail this one now.
+            raise KeyError(f"--hypertune_metric={self._metric!r} is not an epoch metric; "
+                           f"this epoch logged {sorted(logs)}.")
+        self._client.report_hyperparameter_tuning_metric(
+            hyperparameter_metric_tag=self._metric, metric_value=float(logs[self._metric]),
+            global_step=epoch + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_hypertune_client():
+    try:
+        import hypertune  # The optional `hypertune` extra.
+    except ImportError:
+        logging.warning("cloudml-hypertune is not installed: the tuning study gets no "
+                        "metric. Install transfer-trainer[hypertune].")
+        return None
+    return hypertune.HyperTune()

@@ -1,10 +1,14 @@
 """Who am I in the job, and which tf.distribute strategy to build.
 
-Reads ``TF_CONFIG`` (set by Vertex AI for multi-replica jobs and by our own
-multi-worker tests). Vertex AI also sets ``CLUSTER_SPEC``, whose
-``workerpool0`` is the chief pool; ``TF_CONFIG`` carries the same information
-in TensorFlow's own vocabulary (``chief`` / ``worker`` / ``evaluator``), so
-TF_CONFIG is used when present and CLUSTER_SPEC only as a fallback.
+Reads ``TF_CONFIG`` (set by Vertex AI for multi-replica jobs only, and by our
+own multi-worker tests). Vertex AI also sets ``CLUSTER_SPEC`` on every replica,
+whose ``workerpool0`` is the chief pool; ``TF_CONFIG`` carries the same
+information in TensorFlow's own vocabulary (``chief`` / ``worker`` / ``ps``),
+so TF_CONFIG is used when present and CLUSTER_SPEC only as a fallback (a
+single-replica job has only CLUSTER_SPEC). Vertex AI's pool 2 may be a
+Reduction Server, which shows up as ``ps``: it runs no trainer and is never
+counted as a worker. Exactly one process is chief: the chief task, else
+worker 0 when there is no chief task.
 """
 
 import dataclasses
@@ -18,6 +22,8 @@ import tensorflow as tf
 # 2 the parameter servers (or Reduction Server), 3 the evaluators.
 _POOL_ROLES = {"workerpool0": "chief", "workerpool1": "worker",
                "workerpool2": "ps", "workerpool3": "evaluator"}
+# Older TF_CONFIG producers name the chief "master"; TensorFlow wants "chief".
+_TASK_ALIASES = {"master": "chief"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +34,7 @@ class ClusterInfo:
     task_id: int = 0
     num_workers: int = 1  # Chief plus workers: the processes that train.
     has_chief_task: bool = True
+    trial: str = ""  # Vertex AI hyperparameter tuning trial id; "" outside a study.
 
     @property
     def is_chief(self) -> bool:
@@ -44,26 +51,39 @@ class ClusterInfo:
 
 
 def cluster_info(environ: Optional[Mapping[str, str]] = None) -> ClusterInfo:
-    """Reads this process's role from TF_CONFIG, else CLUSTER_SPEC."""
+    """Reads this process's role from TF_CONFIG, else CLUSTER_SPEC.
+
+    Args:
+      environ: the environment to read; ``os.environ`` when None.
+
+    Returns:
+      The ClusterInfo; a lone chief when neither TF_CONFIG nor CLUSTER_SPEC is set.
+    """
     environ = os.environ if environ is None else environ
     if environ.get("TF_CONFIG"):
-        tf_config = json.loads(environ["TF_CONFIG"])
-        cluster = tf_config.get("cluster", {})
-        task = tf_config.get("task", {})
+        cluster, task = _parse_cluster(json.loads(environ["TF_CONFIG"]), _TASK_ALIASES)
     elif environ.get("CLUSTER_SPEC"):
-        spec = json.loads(environ["CLUSTER_SPEC"])
-        cluster = {_POOL_ROLES.get(k, k): v for k, v in spec.get("cluster", {}).items()}
-        task = {"type": _POOL_ROLES.get(spec["task"]["type"], spec["task"]["type"]),
-                "index": spec["task"].get("index", 0)}
+        cluster, task = _parse_cluster(json.loads(environ["CLUSTER_SPEC"]), _POOL_ROLES)
     else:
-        return ClusterInfo()
+        return ClusterInfo(trial=environ.get("CLOUD_ML_TRIAL_ID", ""))
     num_workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
     return ClusterInfo(
-        task_type=task.get("type", "chief"),
+        task_type=task.get("type") or "chief",
         task_id=int(task.get("index", 0)),
         num_workers=max(num_workers, 1),
         has_chief_task=bool(cluster.get("chief")),
+        # cloudml-hypertune's own variable backs up the documented task.trial.
+        trial=str(task.get("trial") or environ.get("CLOUD_ML_TRIAL_ID") or ""),
     )
+
+
+def _parse_cluster(value: dict, roles: Mapping[str, str]):
+    """(cluster, task) of a TF_CONFIG or CLUSTER_SPEC value, in TensorFlow's task names."""
+    cluster = {roles.get(name, name): hosts for name, hosts in value.get("cluster", {}).items()}
+    task = dict(value.get("task", {}))
+    if "type" in task:
+        task["type"] = roles.get(task["type"], task["type"])
+    return cluster, task
 
 
 def choose_strategy(requested: str, tpu: str, info: ClusterInfo, num_gpus: int) -> str:
@@ -88,10 +108,24 @@ def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=_communication_options())
     if name == "tpu":
         return _create_tpu_strategy(tpu)
     raise ValueError(f"Unknown strategy {name!r}.")
+
+
+def _communication_options() -> tf.distribute.experimental.CommunicationOptions:
+    """NCCL between GPU hosts, the runtime's choice (a gRPC ring) otherwise.
+
+    AUTO does not pick NCCL across hosts; NCCL is the faster all-reduce there
+    and the transport Vertex AI's Reduction Server plugs into.
+    """
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    if tf.config.list_physical_devices("GPU"):
+        return tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation.NCCL)
+    return tf.distribute.experimental.CommunicationOptions(implementation=implementation.AUTO)
 
 
 def _create_tpu_strategy(tpu: str) -> tf.distribute.Strategy:

@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 from absl import flags
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
 CACHE_MEMORY = "memory"
 CACHE_NONE = "none"
 # --weights value of the demo: pre-train the backbone on the generated source task.
@@ -29,12 +30,15 @@ DEMO_PRESET = {
     "backbone": "demo_cnn",
     "image_size": 64,
     "batch_size": 32,
-    "epochs": 6,
+    "epochs": 10,
     "fine_tune_epochs": 4,
-    "fine_tune_at": 4,
-    "learning_rate": 3e-3,
-    "fine_tune_learning_rate": 3e-4,
+    "fine_tune_at": 6,
+    "learning_rate": 2e-2,
+    "fine_tune_learning_rate": 2e-4,
     "weights": DEMO_SOURCE_WEIGHTS,
+    # The shapes are drawn at every angle already, and RandomRotation's
+    # reflected borders would draw extra shapes into the corners.
+    "augment": False,
 }
 
 
@@ -59,6 +63,8 @@ class Config:
     learning_rate: float
     fine_tune_learning_rate: float
     dropout: float
+    optimizer: str
+    fine_tune_optimizer: str
     backbone: str
     weights: str
     augment: bool
@@ -70,6 +76,13 @@ class Config:
     cache: str
     shuffle_buffer: int
     demo: bool = False
+    # Metric reported to Vertex AI hyperparameter tuning; "" reports nothing.
+    hypertune_metric: str = ""
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 0
+    export_tflite: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -110,10 +123,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "0 skips phase 2.", **fv)
     flags.DEFINE_integer(
         "fine_tune_at", 100,
-        "Index of the first backbone layer unfrozen in phase 2.", **fv)
-    flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate of phase 1.", **fv)
+        "Index of the first backbone layer unfrozen in phase 2. When not "
+        "given, the --backbone's own default from the registry in "
+        "trainer/model.py (this 100 is mobilenet_v2's, the recipe's value).", **fv)
+    flags.DEFINE_float("learning_rate", 1e-4, "Learning rate of phase 1 (--optimizer).", **fv)
     flags.DEFINE_float(
-        "fine_tune_learning_rate", 1e-5, "RMSprop learning rate of phase 2.", **fv)
+        "fine_tune_learning_rate", 1e-5,
+        "Learning rate of phase 2 (--fine_tune_optimizer).", **fv)
+    flags.DEFINE_enum("optimizer", "adam", OPTIMIZERS, "Optimizer of phase 1.", **fv)
+    flags.DEFINE_enum("fine_tune_optimizer", "rmsprop", OPTIMIZERS, "Optimizer of phase 2.", **fv)
     flags.DEFINE_float(
         "dropout", 0.2, "Dropout rate before the logit layer, in [0, 1).", **fv)
     flags.DEFINE_string(
@@ -150,13 +168,49 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "prefix for an on-disk cache.", **fv)
     flags.DEFINE_integer(
         "shuffle_buffer", 10000, "Shuffle buffer of the training set, in images.", **fv)
+    flags.DEFINE_string(
+        "hypertune_metric", "",
+        "Epoch metric (e.g. val_accuracy) reported after every epoch to a Vertex "
+        "AI hyperparameter tuning job through cloudml-hypertune; must equal the "
+        "study's metricId. Empty, or outside a tuning trial: nothing is reported.", **fv)
+    flags.DEFINE_string(
+        "lr_schedule", "constant",
+        "Learning rate within each phase: 'constant' (the recipe) or 'cosine' "
+        "(decays to 0 by the phase's last step). Either starts with "
+        "--warmup_epochs of linear warmup.", **fv)
+    flags.DEFINE_float(
+        "warmup_epochs", 0.0,
+        "Linear learning-rate warmup at the start of each phase, in epochs "
+        "(fractions allowed; turned into steps with the steps per epoch).", **fv)
+    flags.DEFINE_float(
+        "label_smoothing", 0.0,
+        "Label smoothing of the cross-entropy loss, in [0, 1): targets move "
+        "this fraction of the way towards uniform (binary and multi-class).", **fv)
+    flags.DEFINE_integer(
+        "early_stopping_patience", 0,
+        "Stop a phase after this many epochs without a lower validation loss "
+        "and restore the phase's best weights; 0 turns early stopping off.", **fv)
+    flags.DEFINE_bool(
+        "export_tflite", False,
+        "After export, also convert the model to TFLite (float and "
+        "dynamic-range quantized) under <job_dir>/tflite. Off by default: "
+        "only jobs that ask for it risk failing at the end on a converter "
+        "error, and `python -m trainer.tflite` converts any exported model "
+        "later.", **fv)
 
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                      environ: Optional[Mapping[str, str]] = None) -> Config:
-    """Builds and validates the Config of a run from parsed flags."""
+                      environ: Optional[Mapping[str, str]] = None,
+                      check_paths: bool = True) -> Config:
+    """Builds and validates the Config of a run from parsed flags.
+
+    ``check_paths=False`` skips the checks that touch --data_dir and
+    --weights (the offline spec validator cannot reach gs://).
+    """
     environ = os.environ if environ is None else environ
     values = {name: flag_values[name].value for name in _flag_names()}
+    if not flag_values["fine_tune_at"].present:
+        values["fine_tune_at"] = _default_fine_tune_at(values["backbone"])
     demo = not values["data_dir"]
     if demo:
         for name, value in DEMO_PRESET.items():
@@ -165,8 +219,16 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
     dirs = resolve_output_dirs(values["job_dir"], environ,
                                job_dir_given=flag_values["job_dir"].present)
     config = Config(demo=demo, **{**values, **dirs})
-    validate(config)
+    validate(config, check_paths=check_paths)
     return config
+
+
+def _default_fine_tune_at(backbone: str) -> int:
+    from trainer import model  # The registry holds each backbone's default.
+
+    # An unknown backbone gets 0 here; validate() names --backbone as the error.
+    spec = model.BACKBONES.get(backbone)
+    return spec.fine_tune_at if spec else 0
 
 
 def _flag_names():
@@ -180,26 +242,31 @@ def resolve_output_dirs(job_dir: str, environ: Mapping[str, str],
 
     On Vertex AI with ``baseOutputDirectory`` and no --job_dir, the job dir
     (config.json, metrics.json) is the parent of AIP_MODEL_DIR, so every
-    output lands under the base output directory.
+    output lands under the base output directory. Vertex AI's values end in
+    "/"; it is dropped so that joined paths have no empty "//" segment.
     """
+    aip = {name: environ.get(name, "").rstrip("/") for name in
+           ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR")}
     job_dir = job_dir.rstrip("/")
-    if not job_dir_given and environ.get("AIP_MODEL_DIR"):
-        job_dir = environ["AIP_MODEL_DIR"].rstrip("/").rsplit("/", 1)[0]
+    if not job_dir_given and aip["AIP_MODEL_DIR"]:
+        job_dir = aip["AIP_MODEL_DIR"].rsplit("/", 1)[0]
     return dict(
         job_dir=job_dir,
-        model_dir=environ.get("AIP_MODEL_DIR") or f"{job_dir}/model",
-        checkpoint_dir=environ.get("AIP_CHECKPOINT_DIR") or f"{job_dir}/checkpoints",
-        log_dir=environ.get("AIP_TENSORBOARD_LOG_DIR") or f"{job_dir}/logs",
+        model_dir=aip["AIP_MODEL_DIR"] or f"{job_dir}/model",
+        checkpoint_dir=aip["AIP_CHECKPOINT_DIR"] or f"{job_dir}/checkpoints",
+        log_dir=aip["AIP_TENSORBOARD_LOG_DIR"] or f"{job_dir}/logs",
     )
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, check_paths: bool = True) -> None:
     """Raises ConfigError naming the first flag whose value cannot work.
 
     Only cheap checks live here: values, ranges and path existence. Nothing is
-    built and no data is read beyond listing a folder.
+    built and no data is read beyond listing a folder; ``check_paths=False``
+    skips the path checks too (offline validation of Vertex AI specs).
     """
     from trainer import model  # The registry, for backbone names.
+    from trainer import schedules
 
     checks = [
         ("image_size", config.image_size >= 32, "must be at least 32 pixels"),
@@ -217,6 +284,12 @@ def validate(config: Config) -> None:
         ("test_fraction", 0.0 <= config.test_fraction < 1.0, "must be in [0, 1)"),
         ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, "must be 0 or more"),
         ("shuffle_buffer", config.shuffle_buffer >= 1, "must be at least 1"),
+        ("lr_schedule", config.lr_schedule in schedules.SCHEDULES,
+         f"must be one of {list(schedules.SCHEDULES)}"),
+        ("warmup_epochs", config.warmup_epochs >= 0, "must be 0 or more"),
+        ("label_smoothing", 0.0 <= config.label_smoothing < 1.0, "must be in [0, 1)"),
+        ("early_stopping_patience", config.early_stopping_patience >= 0,
+         "must be 0 or more (0: off)"),
         ("job_dir", bool(config.job_dir), "must not be empty"),
         ("tpu", not (config.tpu and config.strategy not in ("auto", "tpu")),
          f"is set but --strategy={config.strategy}; use --strategy=tpu or auto"),
@@ -225,6 +298,8 @@ def validate(config: Config) -> None:
         if not ok:
             value = getattr(config, name)
             raise ConfigError(f"--{name}={value!r} {message}.")
+    if not check_paths:
+        return
     if not (config.demo and config.weights == DEMO_SOURCE_WEIGHTS):
         _validate_weights(config.weights)
     if not config.demo:

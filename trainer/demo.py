@@ -27,9 +27,12 @@ from trainer import train
 from trainer.data import demo as demo_data
 
 SOURCE_COUNTS = {"train": 300, "validation": 40}
-TARGET_COUNTS = {"train": 120, "validation": 80}
-SOURCE_EPOCHS = 8
-SOURCE_LEARNING_RATE = 1e-3
+TARGET_COUNTS = {"train": 200, "validation": 80}
+# Measured: Adam at batch 16 leaves the from-scratch plateau sooner than the
+# recipe's RMSprop at batch 32 (val. accuracy ~0.85 vs ~0.6 after 10 epochs).
+SOURCE_TRAINING = dict(epochs=0, fine_tune_epochs=14, fine_tune_at=0, batch_size=16,
+                       fine_tune_optimizer="adam", fine_tune_learning_rate=2e-3,
+                       augment=False)
 
 
 def run_demo(config: config_lib.Config, strategy: tf.distribute.Strategy,
@@ -56,8 +59,7 @@ def run_demo(config: config_lib.Config, strategy: tf.distribute.Strategy,
 def _pretrain_backbone(config, source_dir, job_dir, strategy, info) -> str:
     """Trains the backbone from scratch on the source task; returns its weights file."""
     source = config.replace(
-        data_dir=source_dir, weights="none", epochs=0, fine_tune_epochs=SOURCE_EPOCHS,
-        fine_tune_at=0, fine_tune_learning_rate=SOURCE_LEARNING_RATE, demo=False,
+        data_dir=source_dir, weights="none", demo=False, **SOURCE_TRAINING,
         **config_lib.resolve_output_dirs(job_dir, environ={}))
     weights = f"{source.model_dir}/{export.BACKBONE_WEIGHTS_FILE}"
     if not tf.io.gfile.exists(weights):

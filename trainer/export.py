@@ -9,7 +9,9 @@ Signatures:
   [0, 255], resized to the model's input size.
 
 Both return ``probabilities`` [batch, classes], ``class_index``, ``label``,
-``score`` and ``class_names`` [batch, classes].
+``score`` and ``class_names`` [batch, classes]. The model's input size is
+saved with it (``image_size``), so tools that read images for it (evaluate,
+TFLite) need no flag for it.
 
 A new model is written to a temporary sibling folder, loaded back and run
 once, and only then moved into place; the previous model is removed last, so
@@ -40,6 +42,9 @@ class _Serving(tf.Module):
         self.class_names = tf.constant(list(class_names))
         self._num_classes = len(class_names)
         self._image_size = image_size
+        # Saved with the model, read back by read_image_size().
+        self.image_size = tf.Variable(image_size, trainable=False, dtype=tf.int32,
+                                      name="image_size")
         self.serve_bytes = tf.function(self._serve_bytes, input_signature=[
             tf.TensorSpec([None], tf.string, name="image_bytes")])
         self.serve_images = tf.function(self._serve_images, input_signature=[
@@ -93,6 +98,17 @@ def export_model(model: keras.Model, class_names: Sequence[str], image_size: int
     _check_loads(partial, image_size)
     _move_into_place(partial, model_dir)
     return model_dir
+
+
+def read_class_names(model_dir: str) -> list:
+    """Class names of an exported model, in index order."""
+    with tf.io.gfile.GFile(f"{model_dir.rstrip('/')}/{CLASS_NAMES_FILE}") as f:
+        return json.load(f)
+
+
+def read_image_size(model_dir: str) -> int:
+    """Side of the square input of an exported model, pixels."""
+    return int(tf.saved_model.load(model_dir).image_size.numpy())
 
 
 def save_backbone_weights(model: keras.Model, path: str) -> None:

@@ -41,12 +41,20 @@ def _build_demo_cnn(input_shape, weights):
     if weights == "imagenet":
         raise ValueError("demo_cnn has no ImageNet weights; use --weights=none or a file.")
     inputs = keras.Input(input_shape)
-    x = inputs
-    for i, filters in enumerate((32, 64, 128)):
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+    # Per-image standardisation: the shapes' colours are random, their
+    # contrast with the background is what matters.
+    x = keras.layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False,
+                                        name="standardize")(inputs)
+    for i, filters in enumerate((32, 64, 128, 128)):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
                                 name=f"block{i + 1}_conv")(x)
-        x = keras.layers.MaxPooling2D(name=f"block{i + 1}_pool")(x)
-    x = keras.layers.Conv2D(128, 3, padding="same", activation="relu", name="block4_conv")(x)
+        # GroupNorm, not BatchNorm: it normalises the same way in training
+        # and inference, so the backbone trains from scratch although the
+        # classifier always calls it in inference mode.
+        x = keras.layers.GroupNormalization(8, name=f"block{i + 1}_norm")(x)
+        x = keras.layers.ReLU(name=f"block{i + 1}_relu")(x)
+        if i < 3:
+            x = keras.layers.MaxPooling2D(name=f"block{i + 1}_pool")(x)
     return keras.Model(inputs, x, name="demo_cnn")
 
 
@@ -59,21 +67,24 @@ def _application(constructor, **kwargs):
 _TO_MINUS_ONE_ONE = (1.0 / 127.5, -1.0)
 
 # One entry per backbone; adding a backbone is adding an entry.
+# fine_tune_at follows the recipe's MobileNetV2 value (layer 100 of 154):
+# about the last third of the backbone trains in phase 2, starting at the
+# first layer of a block (layer counts as tf_keras 2.21 builds them).
 BACKBONES = {
     "mobilenet_v2": Backbone(
         _application(keras.applications.MobileNetV2, alpha=1.0), _TO_MINUS_ONE_ONE, 100),
-    "mobilenet_v3_small": Backbone(
+    "mobilenet_v3_small": Backbone(  # 229 layers; 154 starts expanded_conv_8.
         _application(keras.applications.MobileNetV3Small, include_preprocessing=True),
-        None, 150),
-    "mobilenet_v3_large": Backbone(
+        None, 154),
+    "mobilenet_v3_large": Backbone(  # 263 layers; 165 starts expanded_conv_11.
         _application(keras.applications.MobileNetV3Large, include_preprocessing=True),
-        None, 200),
-    "efficientnet_v2_b0": Backbone(
+        None, 165),
+    "efficientnet_v2_b0": Backbone(  # 270 layers; 177 starts block6c.
         _application(keras.applications.EfficientNetV2B0, include_preprocessing=True),
-        None, 200),
-    "resnet50_v2": Backbone(
-        _application(keras.applications.ResNet50V2), _TO_MINUS_ONE_ONE, 150),
-    "demo_cnn": Backbone(_build_demo_cnn, _TO_MINUS_ONE_ONE, 5),
+        None, 177),
+    "resnet50_v2": Backbone(  # 190 layers; 120 starts conv4_block4.
+        _application(keras.applications.ResNet50V2), _TO_MINUS_ONE_ONE, 120),
+    "demo_cnn": Backbone(_build_demo_cnn, _TO_MINUS_ONE_ONE, 10),
 }
 
 
@@ -130,17 +141,45 @@ def set_trainable_for_phase(model: keras.Model, phase: int, fine_tune_at: int) -
             layer.trainable = False
 
 
-def loss_and_metrics(num_classes: int):
+def loss_and_metrics(num_classes: int, label_smoothing: float = 0.0):
     """Cross-entropy from logits and accuracy that reads logits correctly.
 
     With one logit the decision threshold is 0 (probability 0.5), not the
     0.5 that Keras's plain 'accuracy' would apply to a logit.
+
+    Label smoothing ``s`` trains towards softened targets: ``y(1 - s) + s/2``
+    for the one binary logit, ``one_hot(y)(1 - s) + s/K`` for K classes.
     """
     if num_classes == 2:
-        return (keras.losses.BinaryCrossentropy(from_logits=True),
+        return (keras.losses.BinaryCrossentropy(from_logits=True,
+                                                label_smoothing=label_smoothing),
                 [keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
-    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            [keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    loss = (SmoothedSparseCategoricalCrossentropy(label_smoothing) if label_smoothing
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return loss, [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+
+
+class SmoothedSparseCategoricalCrossentropy(keras.losses.Loss):
+    """Softmax cross-entropy from logits and integer labels, with label smoothing.
+
+    Keras 2's SparseCategoricalCrossentropy has no label smoothing, and the
+    pipeline yields integer labels, so this one-hot encodes them first.
+    """
+
+    def __init__(self, label_smoothing: float, name: str = "sparse_categorical_crossentropy"):
+        super().__init__(name=name)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        import tensorflow as tf
+
+        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        one_hot = tf.one_hot(labels, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(
+            one_hot, y_pred, from_logits=True, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 def probabilities(logits, num_classes: int):

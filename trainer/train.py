@@ -25,8 +25,15 @@ from trainer import cluster
 from trainer import config as config_lib
 from trainer import evaluate
 from trainer import export
+from trainer import figures
 from trainer import model as model_lib
+from trainer import schedules
+from trainer import tflite
 from trainer.data import pipeline
+
+
+_OPTIMIZERS = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
+               "sgd": keras.optimizers.SGD}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +50,9 @@ class Phase:
 def phases(config: config_lib.Config) -> List[Phase]:
     """The recipe's phases; a phase with no epochs is left out."""
     all_phases = [
-        Phase(1, 0, config.epochs, "adam", config.learning_rate),
-        Phase(2, config.epochs, config.epochs + config.fine_tune_epochs, "rmsprop",
-              config.fine_tune_learning_rate),
+        Phase(1, 0, config.epochs, config.optimizer, config.learning_rate),
+        Phase(2, config.epochs, config.epochs + config.fine_tune_epochs,
+              config.fine_tune_optimizer, config.fine_tune_learning_rate),
     ]
     return [p for p in all_phases if p.last_epoch > p.first_epoch]
 
@@ -97,6 +104,12 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     metrics = evaluate.evaluate_splits(config.model_dir, data, config.image_size)
     metrics["history"] = history
     evaluate.write_metrics(metrics, f"{config.job_dir}/metrics.json")
+    evaluate.write_summaries(metrics, config.model_dir, data, config.image_size,
+                             f"{config.log_dir}/evaluation", evaluate.hparams_of(config),
+                             step=config.epochs + config.fine_tune_epochs)
+    figures.save_learning_curves(history, f"{config.job_dir}/{figures.LEARNING_CURVES_FILE}")
+    if config.export_tflite:
+        tflite.export_tflite(config.model_dir, f"{config.job_dir}/tflite")
     return metrics
 
 
@@ -114,9 +127,13 @@ def _run_phase(model, phase: Phase, config, strategy, info, num_classes,
                train_data, validation_data, steps_per_epoch, global_batch):
     model_lib.set_trainable_for_phase(model, phase.number, config.fine_tune_at)
     with strategy.scope():
-        loss, metrics = model_lib.loss_and_metrics(num_classes)
+        loss, metrics = model_lib.loss_and_metrics(num_classes, config.label_smoothing)
+        learning_rate = schedules.learning_rate(
+            config.lr_schedule, phase.learning_rate,
+            total_steps=(phase.last_epoch - phase.first_epoch) * steps_per_epoch,
+            warmup_steps=round(config.warmup_epochs * steps_per_epoch))
         optimizer = {"adam": keras.optimizers.Adam,
-                     "rmsprop": keras.optimizers.RMSprop}[phase.optimizer](phase.learning_rate)
+                     "rmsprop": keras.optimizers.RMSprop}[phase.optimizer](learning_rate)
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=False)
     backup_dir = f"{config.checkpoint_dir}/phase{phase.number}"
     if tf.io.gfile.exists(backup_dir):
@@ -129,7 +146,14 @@ def _run_phase(model, phase: Phase, config, strategy, info, num_classes,
         callbacks_lib.RaiseOnNaN(),
         callbacks_lib.Backup(backup_dir, config.checkpoint_every_steps),
         keras.callbacks.TensorBoard(config.log_dir, write_graph=False, profile_batch=0),
+        # Only the chief of a Vertex AI tuning trial reports the study's metric.
+        callbacks_lib.HypertuneReporter(config.hypertune_metric,
+                                        enabled=info.is_chief and bool(info.trial)),
     ]
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            "val_loss", patience=config.early_stopping_patience, restore_best_weights=True,
+            verbose=1))
     return model.fit(train_data, epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
                      steps_per_epoch=steps_per_epoch, validation_data=validation_data,
                      callbacks=callbacks, verbose=2)

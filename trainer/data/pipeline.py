@@ -8,10 +8,16 @@ Two sources share one pipeline:
   format for large data and Cloud Storage.
 
 The order, as one function reads it: list files -> shard per input pipeline
-(one per worker) -> read and decode in parallel -> resize -> cache (decoded,
-resized uint8 images) -> shuffle + repeat (train only) -> batch -> prefetch.
-Paths go through ``tf.io.gfile``, so local and gs:// folders take the same
+(one per worker, by whole files) -> interleave parallel reads -> parse,
+decode and resize in parallel -> cache (decoded, resized uint8 images) ->
+shuffle + repeat (train only) -> batch -> prefetch. Paths go through
+``tf.io.gfile`` and ``tf.data``, so local and gs:// folders take the same
 code.
+
+By default parallel stages may hand elements on out of order (tf.data's
+``deterministic=False``), so one slow read -- a Cloud Storage request taking
+its time -- does not stall the others. ``deterministic=True`` with a seed
+gives the same elements in the same order on every run.
 """
 
 import dataclasses
@@ -19,6 +25,7 @@ import random
 from typing import Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
+from absl import logging
 
 from trainer.data import records
 
@@ -79,7 +86,7 @@ def describe(data_dir: str, test_fraction: float = 0.2, seed: int = 42) -> Datas
             if label not in splits[name].labels:
                 raise DataError(f"{root}/{name}/{class_name} holds no images.")
     if "test" not in splits:
-        splits["validation"], splits["test"] = _hold_out(splits["validation"], test_fraction, seed)
+        splits["validation"], splits["test"] = hold_out(splits["validation"], test_fraction, seed)
     return DatasetInfo(class_names, splits)
 
 
@@ -96,8 +103,22 @@ def _list_images(root: str, split: str, class_names: Sequence[str]) -> Split:
     return Split(split, len(paths), tuple(paths), tuple(labels))
 
 
-def _hold_out(split: Split, fraction: float, seed: int) -> Tuple[Split, Split]:
-    """Splits off a deterministic, per-class fraction of a split."""
+def hold_out(split: Split, fraction: float, seed: int, name: str = "test") -> Tuple[Split, Split]:
+    """Splits off a deterministic, per-class fraction of a split.
+
+    ``trainer.prepare`` holds out its test split with this same function, so
+    prepared records and the image folder they came from split alike.
+
+    Args:
+      split: a split of image files (paths and labels).
+      fraction: share of each class held out, rounded to whole images.
+      seed: the choice of images depends on it alone.
+      name: name of the held-out split.
+
+    Returns:
+      (the rest of ``split``, the held-out split named ``name``), each in the
+      original order.
+    """
     rng = random.Random(seed)
     keep, hold = [], []
     for label in sorted(set(split.labels)):
@@ -112,7 +133,7 @@ def _hold_out(split: Split, fraction: float, seed: int) -> Tuple[Split, Split]:
         return Split(name, len(indices), tuple(split.paths[i] for i in indices),
                      tuple(split.labels[i] for i in indices))
 
-    return subset(split.name, keep), subset("test", hold)
+    return subset(split.name, keep), subset(name, hold)
 
 
 def _describe_records(root: str) -> DatasetInfo:
@@ -140,30 +161,58 @@ def _to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
+def preprocess_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded image -> uint8 [size, size, 3]: what the pipeline caches and batches.
+
+    Works the same eagerly and inside ``tf.data`` (tests check both).
+    """
+    return _to_uint8(decode_and_resize(encoded, image_size))
+
+
+def _pipeline_share(input_context: Optional[tf.distribute.InputContext]) -> Tuple[int, int]:
+    if input_context is None:
+        return 1, 0
+    return input_context.num_input_pipelines, input_context.input_pipeline_id
+
+
+def _read_records(shards: Sequence[str], num_pipelines: int, index: int) -> tf.data.Dataset:
+    """Serialized records of this pipeline's share of the shards."""
+    files = tf.data.Dataset.from_tensor_slices(list(shards))
+    if len(shards) >= num_pipelines:
+        # Whole files per pipeline: each worker reads only its own shards.
+        return files.shard(num_pipelines, index).interleave(
+            tf.data.TFRecordDataset, cycle_length=tf.data.AUTOTUNE,
+            num_parallel_calls=tf.data.AUTOTUNE)
+    logging.warning("%d shards for %d input pipelines: every pipeline reads all shards and "
+                    "keeps every %d-th record; prepare with --min_shards=%d or more.",
+                    len(shards), num_pipelines, num_pipelines, num_pipelines)
+    records_ds = files.interleave(tf.data.TFRecordDataset, cycle_length=tf.data.AUTOTUNE,
+                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records_ds.shard(num_pipelines, index)
+
+
 def _read_examples(split: Split, image_size: int,
                    input_context: Optional[tf.distribute.InputContext]) -> tf.data.Dataset:
     """(uint8 image, label) pairs of this input pipeline's share of a split."""
-    num_pipelines = input_context.num_input_pipelines if input_context else 1
-    index = input_context.input_pipeline_id if input_context else 0
+    num_pipelines, index = _pipeline_share(input_context)
     if split.is_records:
-        files = tf.data.Dataset.from_tensor_slices(list(split.shards))
-        files = files.shard(num_pipelines, index)
-        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=tf.data.AUTOTUNE,
-                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.map(records.parse_example, num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = tf.data.Dataset.from_tensor_slices((list(split.paths), list(split.labels)))
-        ds = ds.shard(num_pipelines, index)
-        ds = ds.map(lambda path, label: (tf.io.read_file(path), label),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.map(lambda encoded, label: (_to_uint8(decode_and_resize(encoded, image_size)), label),
+        ds = _read_records(split.shards, num_pipelines, index)
+
+        def parse_and_preprocess(serialized):
+            encoded, label = records.parse_example(serialized)
+            return preprocess_image(encoded, image_size), label
+
+        return ds.map(parse_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.from_tensor_slices((list(split.paths), list(split.labels)))
+    ds = ds.shard(num_pipelines, index)
+    return ds.map(lambda path, label: (preprocess_image(tf.io.read_file(path), image_size), label),
                   num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
                  input_context: Optional[tf.distribute.InputContext] = None,
                  cache: str = "memory", shuffle_buffer: int = 10000,
-                 seed: Optional[int] = None) -> tf.data.Dataset:
+                 seed: Optional[int] = None, deterministic: bool = False) -> tf.data.Dataset:
     """Batches of (float32 images in [0, 255], int32 labels) for one pipeline.
 
     Args:
@@ -174,9 +223,14 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
       training: shuffle, repeat forever and drop the last partial batch.
       input_context: the strategy's input context; each pipeline reads its
         own share of files.
-      cache: 'memory', 'none' or a file path prefix.
+      cache: 'memory', 'none' or a file path prefix (local or gs://) for an
+        on-disk cache, for data larger than memory.
       shuffle_buffer: images in the shuffle buffer.
-      seed: shuffle seed; with a seed the order is reproducible.
+      seed: shuffle seed.
+      deterministic: keep every parallel stage in order, so that with a
+        ``seed`` each run yields the same elements in the same order; off,
+        stages may hand on whichever element is ready first (faster when
+        reads vary in latency).
     """
     ds = _read_examples(split, image_size, input_context)
     if cache == "memory":
@@ -189,4 +243,6 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
     ds = ds.batch(batch_size, drop_remainder=training)
     ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -1,18 +1,48 @@
-"""The TFRecord schema: tf.train.Example <-> fields, and the manifest.
+"""The TFRecord schema: tf.train.Example <-> fields, shard names, and the manifest.
 
 Feature names follow the conventions of TensorFlow's image datasets
 (``image/encoded``, ``image/class/label``, ...), so records can be read by
-other tools too. ``manifest.json`` at the root of a prepared folder lists the
-class names in index order, counts and shards of each split.
+other tools too. Every record holds:
+
+==========================  ======  =============================================
+feature                     type    value
+==========================  ======  =============================================
+``image/encoded``           bytes   the image as RGB JPEG
+``image/format``            bytes   ``jpeg``
+``image/class/label``       int64   class index, into the manifest's class_names
+``image/class/text``        bytes   class name
+``image/height``            int64   height of the stored image, pixels
+``image/width``             int64   width of the stored image, pixels
+``image/source_path``       bytes   the source file, relative to the input folder
+``image/sha256``            bytes   hex SHA-256 of the source file's bytes
+==========================  ======  =============================================
+
+A prepared folder holds ``<split>/<split>-NNNNN-of-MMMMM.tfrecord`` shards,
+``prepare_report.json`` and, written last, ``manifest.json``:
+
+* ``format_version``: this module's FORMAT_VERSION;
+* ``class_names``: class names in label order;
+* ``splits``: for each split, ``count`` (records), ``classes`` (records per
+  class name), ``shards`` (paths relative to the folder) and ``bytes``;
+* ``image_stats``: min, max and mean of stored ``height``, ``width`` and
+  ``encoded_bytes``;
+* ``source``: input folder, layout, files listed and a fingerprint of the
+  plan that made the shards (what a re-run compares);
+* ``options``: the preparation options;
+* ``report``: the report's file name.
 """
 
 import json
+import re
+import uuid
 from typing import Dict
 
 import tensorflow as tf
 
 MANIFEST = "manifest.json"
+REPORT = "prepare_report.json"
 FORMAT_VERSION = 1
+JPEG = "jpeg"
 
 ENCODED = "image/encoded"
 FORMAT = "image/format"
@@ -27,6 +57,20 @@ _FEATURES = {
     ENCODED: tf.io.FixedLenFeature([], tf.string),
     LABEL: tf.io.FixedLenFeature([], tf.int64),
 }
+
+ALL_FEATURES = {
+    ENCODED: tf.io.FixedLenFeature([], tf.string),
+    FORMAT: tf.io.FixedLenFeature([], tf.string),
+    LABEL: tf.io.FixedLenFeature([], tf.int64),
+    CLASS_NAME: tf.io.FixedLenFeature([], tf.string),
+    HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+    WIDTH: tf.io.FixedLenFeature([], tf.int64),
+    SOURCE: tf.io.FixedLenFeature([], tf.string),
+    HASH: tf.io.FixedLenFeature([], tf.string),
+}
+
+# A shard as written, or one of its temporary names ('.tmp-<hex>').
+SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-\d{5}-of-\d{5}\.tfrecord(?P<temp>\.tmp-[0-9a-f]+)?$")
 
 
 def _bytes(value: bytes) -> tf.train.Feature:
@@ -56,6 +100,36 @@ def parse_example(serialized: tf.Tensor):
     """Serialized Example -> (encoded image bytes, int32 label)."""
     parsed = tf.io.parse_single_example(serialized, _FEATURES)
     return parsed[ENCODED], tf.cast(parsed[LABEL], tf.int32)
+
+
+def parse_all(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Serialized Example -> every field of the schema, by feature name."""
+    return tf.io.parse_single_example(serialized, ALL_FEATURES)
+
+
+def shard_path(split: str, index: int, count: int) -> str:
+    """A shard's path relative to the prepared folder."""
+    return f"{split}/{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def temporary_name(path: str) -> str:
+    """A unique name to write ``path`` under until it is complete."""
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def write_json(path: str, value: Dict) -> None:
+    """Writes JSON under a temporary name, then renames: readers never see half a file."""
+    temp = temporary_name(path)
+    with tf.io.gfile.GFile(temp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    tf.io.gfile.rename(temp, path, overwrite=True)
+
+
+def write_manifest(root: str, manifest: Dict) -> str:
+    """Writes ``manifest.json`` at ``root``; returns its path."""
+    path = f"{root.rstrip('/')}/{MANIFEST}"
+    write_json(path, {**manifest, "format_version": FORMAT_VERSION})
+    return path
 
 
 def read_manifest(root: str) -> Dict:

@@ -1,0 +1,55 @@
+"""TFLite export: the interpreter's outputs match the SavedModel's on the same images."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import export
+from trainer import model as model_lib
+from trainer import tflite
+from trainer.data import pipeline
+
+# Largest allowed difference of any class probability from the SavedModel's.
+TOLERANCE = {tflite.FLOAT: 1e-4, tflite.DYNAMIC_RANGE: 0.05}
+
+
+def _test_images(data_dir, image_size):
+    info = pipeline.describe(data_dir)
+    dataset = pipeline.make_dataset(info.splits["test"], image_size, 64, training=False,
+                                    cache="none")
+    return np.concatenate([images.numpy() for images, _ in dataset])
+
+
+def _saved_model_probabilities(model_dir, images):
+    serve = tf.saved_model.load(model_dir).signatures["serving_images"]
+    return serve(images=tf.constant(images))["probabilities"].numpy()
+
+
+@pytest.mark.parametrize("variant", tflite.VARIANTS)
+def test_tflite_of_a_trained_job_matches_its_saved_model(finished_job, variant):
+    config, metrics = finished_job
+    images = _test_images(config.data_dir, config.image_size)
+    expected = _saved_model_probabilities(config.model_dir, images)
+    path = tflite.tflite_path(f"{config.job_dir}/tflite", variant)
+    actual = tflite.classify(path, images)
+    assert actual.shape == expected.shape == (len(images), 4)
+    np.testing.assert_allclose(actual, expected, atol=TOLERANCE[variant])
+    with open(f"{config.job_dir}/tflite/{tflite.LABELS_FILE}") as f:
+        assert f.read().splitlines() == metrics["class_names"]
+
+
+def test_dynamic_range_model_is_smaller(finished_job):
+    config, _ = finished_job
+    sizes = {v: tf.io.gfile.stat(tflite.tflite_path(f"{config.job_dir}/tflite", v)).length
+             for v in tflite.VARIANTS}
+    assert sizes[tflite.DYNAMIC_RANGE] < 0.5 * sizes[tflite.FLOAT]
+
+
+def test_binary_model_one_logit_converts_too(binary_dir, tmp_path):
+    keras_model = model_lib.create_model("demo_cnn", 2, 32, 0.2, augment=False, seed=0)
+    model_dir = export.export_model(keras_model, ["circle", "square"], 32,
+                                    str(tmp_path / "model"))
+    images = _test_images(binary_dir, 32)
+    np.testing.assert_allclose(tflite.classify(tflite.convert(model_dir, tflite.FLOAT), images),
+                               _saved_model_probabilities(model_dir, images),
+                               atol=TOLERANCE[tflite.FLOAT])

@@ -1,0 +1,186 @@
+"""End to end: the real train_and_evaluate on generated JPEGs, and what it leaves behind."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+from tensorboard.backend.event_processing import event_accumulator
+
+from conftest import tiny_config
+from trainer import cluster
+from trainer import export
+from trainer import model as model_lib
+from trainer import train
+from trainer.data import pipeline
+
+
+def _scalars(log_dir):
+    """{tag: [(step, value)]} of an event folder, read by TensorBoard's own reader."""
+    acc = event_accumulator.EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"]}
+
+
+@pytest.fixture(scope="module")
+def finished_run(binary_dir, tmp_path_factory):
+    """One two-phase run (one epoch each) on the binary set, shared by the tests below."""
+    job_dir = tmp_path_factory.mktemp("run")
+    config = tiny_config(binary_dir, job_dir)
+    metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
+    return config, metrics
+
+
+def test_checkpoints_of_both_phases_exist(finished_run):
+    config, _ = finished_run
+    for phase in (1, 2):
+        assert tf.train.latest_checkpoint(f"{config.checkpoint_dir}/phase{phase}/chief") \
+            or tf.io.gfile.glob(f"{config.checkpoint_dir}/phase{phase}/**/checkpoint") \
+            or tf.io.gfile.glob(f"{config.checkpoint_dir}/phase{phase}/*checkpoint*")
+
+
+def test_tensorboard_has_epoch_scalars_and_phase_two_continues(finished_run):
+    config, _ = finished_run
+    train_scalars = _scalars(f"{config.log_dir}/train")
+    for tag in ("epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_phase",
+                "epoch_images_per_second"):
+        assert tag in train_scalars, sorted(train_scalars)
+    assert [step for step, _ in train_scalars["epoch_loss"]] == [0, 1]
+    assert [value for _, value in train_scalars["epoch_phase"]] == [1.0, 2.0]
+    lrs = [value for _, value in train_scalars["epoch_learning_rate"]]
+    assert lrs == pytest.approx([1e-3, 1e-4])
+    assert all(v > 0 for _, v in train_scalars["epoch_images_per_second"])
+    validation = _scalars(f"{config.log_dir}/validation")
+    assert [step for step, _ in validation["epoch_accuracy"]] == [0, 1]
+
+
+def test_saved_model_classifies_jpeg_bytes_with_class_names(finished_run, binary_dir):
+    config, _ = finished_run
+    loaded = tf.saved_model.load(config.model_dir)
+    paths = tf.io.gfile.glob(f"{binary_dir}/test/*/*.jpg")[:3]
+    images = tf.constant([tf.io.gfile.GFile(p, "rb").read() for p in paths])
+    out = loaded.signatures["serving_default"](image_bytes=images)
+    assert out["probabilities"].shape == (3, 2)
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+    assert set(out["label"].numpy().tolist()) <= {b"circle", b"square"}
+    assert out["class_names"].numpy()[0].tolist() == [b"circle", b"square"]
+    with tf.io.gfile.GFile(f"{config.model_dir}/{export.CLASS_NAMES_FILE}") as f:
+        assert json.load(f) == ["circle", "square"]
+
+
+def test_metrics_json_matches_evaluating_the_exported_model(finished_run, binary_dir):
+    config, metrics = finished_run
+    with tf.io.gfile.GFile(f"{config.job_dir}/metrics.json") as f:
+        written = json.load(f)
+    assert written["test"]["count"] == 8  # The generated test/ split: 4 per class.
+    info = pipeline.describe(binary_dir)
+    serve = tf.saved_model.load(config.model_dir).signatures["serving_default"]
+    correct = 0
+    for path, label in zip(info.splits["test"].paths, info.splits["test"].labels):
+        out = serve(image_bytes=tf.constant([tf.io.gfile.GFile(path, "rb").read()]))
+        correct += int(out["class_index"].numpy()[0] == label)
+    assert written["test"]["accuracy"] == pytest.approx(correct / 8)
+    assert metrics["test"]["accuracy"] == written["test"]["accuracy"]
+    assert "validation" in written
+    assert tf.io.gfile.exists(f"{config.job_dir}/config.json")
+
+
+def test_rerunning_a_finished_job_resumes_to_export(finished_run):
+    """Both phases restore as finished: no further training steps run."""
+    config, _ = finished_run
+    before = _optimizer_iterations(f"{config.checkpoint_dir}/phase2")
+    train.train_and_evaluate(config, tf.distribute.get_strategy())
+    assert _optimizer_iterations(f"{config.checkpoint_dir}/phase2") == before
+    assert tf.io.gfile.exists(f"{config.model_dir}/saved_model.pb")
+    assert not tf.io.gfile.exists(f"{config.model_dir}.partial")
+    assert not tf.io.gfile.exists(f"{config.model_dir}.previous")
+
+
+def _optimizer_iterations(backup_dir):
+    path = tf.train.latest_checkpoint(f"{backup_dir}/chief")
+    reader = tf.train.load_checkpoint(path)
+    keys = [k for k in reader.get_variable_to_shape_map() if "optimizer/_iterations" in k]
+    return int(reader.get_tensor(keys[0]))
+
+
+def test_batchnorm_statistics_never_change(binary_dir, tmp_path):
+    """Moving mean/variance of the backbone are identical before and after both phases."""
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False,
+                                          weights=None)
+    rng = np.random.default_rng(0)
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(size=layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=layer.moving_variance.shape))
+    weights = str(tmp_path / "base.h5")
+    base.save_weights(weights)
+    before = {v.name: v.numpy() for v in base.weights}
+
+    config = tiny_config(binary_dir, tmp_path / "job", weights=weights, fine_tune_at=0,
+                          fine_tune_learning_rate=1e-3)
+    train.train_and_evaluate(config, tf.distribute.get_strategy())
+
+    after_model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False,
+                                                 weights=None)
+    after_model.load_weights(f"{config.model_dir}/{export.BACKBONE_WEIGHTS_FILE}")
+    after = {v.name: v.numpy() for v in after_model.weights}
+    moving = [n for n in before if "moving_" in n]
+    gammas = [n for n in before if n.endswith("gamma:0")]
+    assert moving and gammas
+    for name in moving:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+    # Phase 2 did train the backbone (fine_tune_at=0): its BatchNorm scales moved.
+    assert any(not np.array_equal(before[n], after[n]) for n in gammas)
+
+
+def test_mirrored_strategy_over_two_cpus_trains(shapes_dir, tmp_path):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    config = tiny_config(shapes_dir, tmp_path / "job", strategy="mirrored", fine_tune_epochs=0)
+    metrics = train.train_and_evaluate(config, strategy)
+    assert strategy.num_replicas_in_sync == 2
+    assert metrics["class_names"] == ["circle", "square", "triangle"]
+    assert metrics["validation"]["count"] + metrics["test"]["count"] == 18
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+
+
+def test_phases_follow_the_recipe():
+    from absl import flags
+    from trainer import config as config_lib
+    fv = flags.FlagValues()
+    config_lib.define_flags(fv)
+    fv(["trainer", "--data_dir=unused"])
+    values = {name: fv[name].value for name in ("epochs", "fine_tune_epochs", "optimizer",
+                                               "fine_tune_optimizer", "learning_rate",
+                                               "fine_tune_learning_rate", "fine_tune_at",
+                                               "image_size", "batch_size", "dropout")}
+    assert values == dict(epochs=10, fine_tune_epochs=10, optimizer="adam",
+                          fine_tune_optimizer="rmsprop", learning_rate=1e-4,
+                          fine_tune_learning_rate=1e-5, fine_tune_at=100, image_size=160,
+                          batch_size=32, dropout=0.2)
+
+
+def test_fine_tune_epochs_zero_skips_phase_two(binary_dir, tmp_path):
+    config = tiny_config(binary_dir, tmp_path, fine_tune_epochs=0)
+    assert [p.number for p in train.phases(config)] == [1]
+    config = tiny_config(binary_dir, tmp_path, epochs=2, fine_tune_epochs=3)
+    assert [(p.first_epoch, p.last_epoch) for p in train.phases(config)] == [(0, 2), (2, 5)]
+
+
+def test_backbone_is_frozen_in_phase_one_and_partly_unfrozen_in_phase_two():
+    model = model_lib.create_model("mobilenet_v2", 2, 32, 0.2, weights=None)
+    base = model_lib.get_backbone(model)
+    model_lib.set_trainable_for_phase(model, 1, 100)
+    assert [w.name for w in model.trainable_weights] == ["logits/kernel:0", "logits/bias:0"]
+    model_lib.set_trainable_for_phase(model, 2, 100)
+    assert all(not layer.trainable for layer in base.layers[:100])
+    assert all(layer.trainable for layer in base.layers[100:])
+    assert len(model.trainable_weights) > 2
+
+
+def test_worker_dir_is_scratch_for_non_chief():
+    chief = cluster.ClusterInfo("chief", 0, 2)
+    worker = cluster.ClusterInfo("worker", 0, 2)
+    assert cluster.worker_dir("gs://b/model", chief) == "gs://b/model"
+    assert cluster.worker_dir("gs://b/model", worker) != "gs://b/model"
