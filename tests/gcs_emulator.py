@@ -393,6 +393,7 @@ def _serve_tls_connection(tls, upstream_port: int, delay_s: float, log_requests:
         request = _read_head(stream)
         if request is None:
             return
+        started = time.monotonic()
         (method, target, *_), headers = request
         if _header(headers, "expect").lower() == "100-continue":
             tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -407,8 +408,12 @@ def _serve_tls_connection(tls, upstream_port: int, delay_s: float, log_requests:
             status, reason, response_headers, data = forwarder.send(method, target, headers, body)
         if log_requests:
             print(f"{time.time():.3f} {method} {_header(headers, 'host')}{target} "
-                  f"{len(body)} B -> {status} {len(data)} B", file=sys.stderr, flush=True)
+                  f"{len(body)} B -> {status} {len(data)} B in "
+                  f"{1000 * (time.monotonic() - started):.0f} ms", file=sys.stderr, flush=True)
         _respond(tls, status, reason, response_headers, data, method)
+        if log_requests:
+            print(f"  sent in {1000 * (time.monotonic() - started):.0f} ms", file=sys.stderr,
+                  flush=True)
         if _header(headers, "connection").lower() == "close":
             return
 

@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 
 from trainer import evaluate
+from trainer.data import pipeline
 
 
 def test_per_class_metrics_match_hand_computed_values():
@@ -85,6 +86,16 @@ def test_cli_reproduces_the_jobs_test_metrics_and_writes_tensorboard(finished_jo
             tags |= {value.tag for value in event.summary.value}
     assert {"test/accuracy", "test/macro_f1", "confusion_matrix/test", "predictions/test",
             "_hparams_/session_start_info"} <= tags
+
+
+def test_prediction_grid_samples_every_class_of_a_class_ordered_split(finished_job):
+    config, metrics = finished_job
+    test = pipeline.describe(config.data_dir).splits["test"]  # Two per class, by class.
+    images, labels, probabilities = evaluate.sample_predictions(
+        config.model_dir, test, config.image_size, count=4, num_classes=4)
+    assert labels.tolist() == [0, 1, 2, 3]
+    assert images.shape == (4, config.image_size, config.image_size, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_cli_refuses_data_with_other_classes(finished_job, shapes_dir):

@@ -18,6 +18,7 @@ from absl import flags
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
+MIXED_PRECISION_POLICIES = ("none", "mixed_float16", "mixed_bfloat16")
 CACHE_MEMORY = "memory"
 CACHE_NONE = "none"
 # --weights value of the demo: pre-train the backbone on the generated source task.
@@ -83,6 +84,9 @@ class Config:
     label_smoothing: float = 0.0
     early_stopping_patience: int = 0
     export_tflite: bool = False
+    feature_cache: bool = True
+    mixed_precision: str = "none"
+    jit_compile: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -190,6 +194,19 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "early_stopping_patience", 0,
         "Stop a phase after this many epochs without a lower validation loss "
         "and restore the phase's best weights; 0 turns early stopping off.", **fv)
+    flags.DEFINE_bool(
+        "feature_cache", True,
+        "Phase 1 computes the frozen backbone's pooled features once per image "
+        "and trains the head on them (no augmentation in phase 1); false runs "
+        "the backbone every phase-1 step as the tutorial does.", **fv)
+    flags.DEFINE_enum(
+        "mixed_precision", "none", MIXED_PRECISION_POLICIES,
+        "Keras mixed-precision policy: mixed_float16 for GPUs, mixed_bfloat16 "
+        "for TPUs; the logit layer stays float32.", **fv)
+    flags.DEFINE_bool(
+        "jit_compile", False,
+        "Compile train steps with XLA. Faster on GPU and TPU; about ten times "
+        "slower on CPU, so off by default.", **fv)
     flags.DEFINE_bool(
         "export_tflite", False,
         "After export, also convert the model to TFLite (float and "

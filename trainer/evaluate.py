@@ -34,8 +34,11 @@ from trainer.data import pipeline
 # The split whose pictures go to TensorBoard: the first of these evaluated.
 PICTURE_SPLITS = ("test", "validation")
 NUM_SAMPLES = 16
-# Config fields that say where a run wrote, not how it trained.
-_NOT_HPARAMS = ("job_dir", "model_dir", "checkpoint_dir", "log_dir")
+# Config fields that say where a run wrote or how it ran, not what it
+# learned; left out so the HParams table (which shows its first five
+# columns) opens on settings that change results.
+_NOT_HPARAMS = ("job_dir", "model_dir", "checkpoint_dir", "log_dir", "cache",
+                "checkpoint_every_steps", "tpu", "demo", "export_tflite", "hypertune_metric")
 
 
 def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
@@ -125,7 +128,7 @@ def evaluate_splits(model_dir: str, info: pipeline.DatasetInfo, image_size: int,
 
 
 def hparams_of(config) -> Dict:
-    """A run's settings for TensorBoard's hparams view: its Config less its output folders."""
+    """A run's settings for TensorBoard's hparams view: its Config less _NOT_HPARAMS."""
     return {key: value for key, value in dataclasses.asdict(config).items()
             if key not in _NOT_HPARAMS and isinstance(value, (bool, int, float, str))}
 
@@ -136,9 +139,9 @@ def write_summaries(results: Mapping, model_dir: str, info: pipeline.DatasetInfo
     """Writes evaluation results to TensorBoard under ``log_dir`` (one run).
 
     Scalars ``<split>/<metric>`` for every evaluated split; for the first of
-    PICTURE_SPLITS evaluated, a confusion-matrix image and a grid of its first
-    ``num_samples`` images with true and predicted labels; and an hparams
-    entry whose metrics are those scalars.
+    PICTURE_SPLITS evaluated, a confusion-matrix image and a grid of
+    ``num_samples`` of its images (spread over the classes) with true and
+    predicted labels; and an hparams entry whose metrics are those scalars.
 
     Args:
       results: the output of evaluate_splits.
@@ -160,8 +163,9 @@ def write_summaries(results: Mapping, model_dir: str, info: pipeline.DatasetInfo
         if picture_split:
             tf.summary.image(f"confusion_matrix/{picture_split}", figures.confusion_matrix_image(
                 results[picture_split]["confusion_matrix"], class_names)[np.newaxis])
-            images, labels, probabilities = _sample_predictions(
-                model_dir, info.splits[picture_split], image_size, num_samples)
+            images, labels, probabilities = sample_predictions(
+                model_dir, info.splits[picture_split], image_size, num_samples,
+                len(class_names))
             tf.summary.image(f"predictions/{picture_split}", figures.prediction_grid(
                 images, labels, probabilities, class_names)[np.newaxis])
         hp.hparams(dict(hparams))
@@ -177,12 +181,32 @@ def _scalars(split_metrics: Mapping) -> Dict[str, float]:
     return values
 
 
-def _sample_predictions(model_dir: str, split: pipeline.Split, image_size: int, count: int):
-    """The first ``count`` images of a split, their labels and predicted probabilities."""
+def sample_predictions(model_dir: str, split: pipeline.Split, image_size: int, count: int,
+                       num_classes: int):
+    """Up to ``count`` images of a split, spread over its classes, with predictions.
+
+    Splits are often ordered by class, so the first images would all show one
+    class; this takes up to an equal share of each class, in split order,
+    reading no further than needed.
+
+    Returns:
+      images [n, size, size, 3], labels [n], probabilities [n, classes].
+    """
+    share = -(-count // num_classes)
+    taken = np.zeros(num_classes, dtype=int)
+    images, labels = [], []
+    dataset = pipeline.make_dataset(split, image_size, 64, training=False, cache="none")
+    for batch_images, batch_labels in dataset:
+        for image, label in zip(batch_images.numpy(), batch_labels.numpy()):
+            if taken[label] < share and len(labels) < count:
+                taken[label] += 1
+                images.append(image)
+                labels.append(label)
+        if len(labels) == count:
+            break
+    images = np.stack(images)
     serve = tf.saved_model.load(model_dir).signatures["serving_images"]
-    dataset = pipeline.make_dataset(split, image_size, count, training=False, cache="none")
-    images, labels = next(iter(dataset))
-    return images.numpy(), labels.numpy(), serve(images=images)["probabilities"].numpy()
+    return images, np.asarray(labels), serve(images=tf.constant(images))["probabilities"].numpy()
 
 
 def write_metrics(metrics: Dict, path: str) -> None:

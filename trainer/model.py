@@ -17,6 +17,8 @@ import tf_keras as keras
 
 BACKBONE_LAYER = "backbone"
 LOGITS_LAYER = "logits"
+POOL_LAYER = "pool"
+DROPOUT_LAYER = "dropout"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +123,8 @@ def create_model(backbone: str, num_classes: int, image_size: int, dropout: floa
     if spec.rescale:
         x = keras.layers.Rescaling(*spec.rescale, name="rescale")(x)
     x = base(x, training=False)  # BatchNorm stays in inference mode in both phases.
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
+    x = keras.layers.Dropout(dropout, name=DROPOUT_LAYER)(x)
     units = 1 if num_classes == 2 else num_classes
     outputs = keras.layers.Dense(units, dtype="float32", name=LOGITS_LAYER)(x)
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")

@@ -25,6 +25,7 @@ from trainer import cluster
 from trainer import config as config_lib
 from trainer import evaluate
 from trainer import export
+from trainer import features
 from trainer import figures
 from trainer import model as model_lib
 from trainer import schedules
@@ -62,6 +63,9 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     """Trains, exports and evaluates; returns the final metrics (chief) or {}."""
     info = info or cluster.ClusterInfo()
     tf.keras.utils.set_random_seed(config.seed)
+    # Global in Keras: set every run, so a float32 run after a mixed one is float32.
+    keras.mixed_precision.set_global_policy(
+        "float32" if config.mixed_precision == "none" else config.mixed_precision)
 
     # ---------------------------------------------------------------- Input
     data = pipeline.describe(config.data_dir, config.test_fraction, config.seed)
@@ -70,6 +74,7 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     steps_per_epoch = max(1, math.ceil(train_split.count / global_batch))
     train_data = _distribute(strategy, train_split, config, training=True)
     validation_data = _distribute(strategy, data.splits["validation"], config, training=False)
+    validation_steps = _validation_steps(data.splits["validation"].count, global_batch)
     logging.info("Classes %s; %d train images, %d steps of %d per epoch.",
                  list(data.class_names), train_split.count, steps_per_epoch, global_batch)
 
@@ -88,8 +93,13 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     # -------------------------------------------------------------- Phases
     history: Dict[str, list] = {}
     for phase in phases(config):
-        result = _run_phase(model, phase, config, strategy, info, data.num_classes,
-                            train_data, validation_data, steps_per_epoch, global_batch)
+        model_lib.set_trainable_for_phase(model, phase.number, config.fine_tune_at)
+        if phase.number == 1 and config.feature_cache:
+            fit = _cached_features_fit(model, strategy, info, data, config, global_batch)
+        else:
+            fit = (model, train_data, validation_data)
+        result = _run_phase(*fit, phase, config, strategy, info, data.num_classes,
+                            steps_per_epoch, global_batch, validation_steps=validation_steps)
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
 
@@ -113,28 +123,53 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     return metrics
 
 
+def _validation_steps(count: int, global_batch: int) -> int:
+    """Validation batches per epoch: one pass over the split.
+
+    Keras needs a step count for distributed datasets, and does not restart
+    their iterators between epochs, so validation datasets repeat and each
+    epoch takes exactly one pass. Every worker runs the same number of steps
+    (each step all-reduces); a worker whose share is smaller feeds empty
+    batches (tf.distribute's partial-batch handling).
+    """
+    return max(1, math.ceil(count / global_batch))
+
+
 def _distribute(strategy, split, config, training):
     def dataset_fn(input_context):
         return pipeline.make_dataset(
             split, config.image_size, input_context.get_per_replica_batch_size(
                 config.batch_size * strategy.num_replicas_in_sync),
             training=training, input_context=input_context, cache=config.cache,
-            shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+            shuffle_buffer=config.shuffle_buffer, seed=config.seed, repeat=True)
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def _run_phase(model, phase: Phase, config, strategy, info, num_classes,
-               train_data, validation_data, steps_per_epoch, global_batch):
-    model_lib.set_trainable_for_phase(model, phase.number, config.fine_tune_at)
+def _cached_features_fit(model, strategy, info, data, config, global_batch):
+    """(head model, train features, validation features) for phase 1."""
+    context = features.input_context(info, strategy)
+    datasets = []
+    for name, training in (("train", True), ("validation", False)):
+        vectors, labels = features.extract(model, data.splits[name], config.image_size, context)
+        datasets.append(features.distribute(strategy, vectors, labels, global_batch,
+                                            training, config.seed, context))
+    with strategy.scope():
+        head = features.head_model(model)
+    return (head, *datasets)
+
+
+def _run_phase(model, train_data, validation_data, phase: Phase, config, strategy, info,
+               num_classes, steps_per_epoch, global_batch, validation_steps=None):
+    """Compiles ``model`` for the phase and fits it, resuming from the phase's backup."""
     with strategy.scope():
         loss, metrics = model_lib.loss_and_metrics(num_classes, config.label_smoothing)
         learning_rate = schedules.learning_rate(
             config.lr_schedule, phase.learning_rate,
             total_steps=(phase.last_epoch - phase.first_epoch) * steps_per_epoch,
             warmup_steps=round(config.warmup_epochs * steps_per_epoch))
-        optimizer = {"adam": keras.optimizers.Adam,
-                     "rmsprop": keras.optimizers.RMSprop}[phase.optimizer](learning_rate)
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=False)
+        optimizer = _OPTIMIZERS[phase.optimizer](learning_rate)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                      jit_compile=config.jit_compile)
     backup_dir = f"{config.checkpoint_dir}/phase{phase.number}"
     if tf.io.gfile.exists(backup_dir):
         logging.info("Phase %d: resuming from %s.", phase.number, backup_dir)
@@ -156,6 +191,7 @@ def _run_phase(model, phase: Phase, config, strategy, info, num_classes,
             verbose=1))
     return model.fit(train_data, epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
                      steps_per_epoch=steps_per_epoch, validation_data=validation_data,
+                     validation_steps=validation_steps,
                      callbacks=callbacks, verbose=2)
 
 

@@ -212,7 +212,8 @@ def _read_examples(split: Split, image_size: int,
 def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
                  input_context: Optional[tf.distribute.InputContext] = None,
                  cache: str = "memory", shuffle_buffer: int = 10000,
-                 seed: Optional[int] = None, deterministic: bool = False) -> tf.data.Dataset:
+                 seed: Optional[int] = None, deterministic: bool = False,
+                 repeat: bool = False) -> tf.data.Dataset:
     """Batches of (float32 images in [0, 255], int32 labels) for one pipeline.
 
     Args:
@@ -221,6 +222,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
       batch_size: images per batch of this pipeline (per replica under a
         strategy: ``input_context.get_per_replica_batch_size``).
       training: shuffle, repeat forever and drop the last partial batch.
+      repeat: for evaluation data, repeat whole passes forever (validation
+        inside ``fit``, which takes a fixed number of steps per epoch).
       input_context: the strategy's input context; each pipeline reads its
         own share of files.
       cache: 'memory', 'none' or a file path prefix (local or gs://) for an
@@ -241,6 +244,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch_size, drop_remainder=training)
+    if repeat and not training:
+        ds = ds.repeat()  # Whole passes: batches never straddle two passes.
     ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels),
                 num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
