@@ -235,6 +235,12 @@ def _markdown(results: Dict) -> str:
               "| ratio | measured | target | met |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {t['target']} | {t['ratio']:.2f} | >= {t['at_least']} | "
               f"{'yes' if t['met'] else 'no'} |" for t in results["targets"]]
+    lines += ["", "How to read: every run is in input_pipeline.json (`all_runs`). On CPUs "
+              "shared with other processes single runs vary by up to 2x (one core free or "
+              "two), so compare ratios within a round, not single figures. The first epoch "
+              "includes filling the shuffle buffer (10,000 images, more than this split) "
+              "before the first batch. From gs://, the emulator's own work (fake-gcs-server "
+              "and the TLS proxy) runs on the same CPUs as the decoding it feeds."]
     return "\n".join(lines) + "\n"
 
 

@@ -149,7 +149,7 @@ def test_workers_write_to_scratch_beside_the_chief():
     chief, worker = (cluster.cluster_info(vertex_environ(job_spec, *r)) for r in ((0, 0), (1, 1)))
 
     assert cluster.worker_dir("gs://b/model", chief) == "gs://b/model"
-    assert cluster.worker_dir("gs://b/model", worker) == "gs://b/model/.worker_worker_1"
+    assert cluster.worker_dir("gs://b/model", worker) == "gs://b/model.worker_worker_1"
 
 
 # --------------------------------------------- Literal values from the docs
@@ -168,8 +168,10 @@ def test_documented_tf_config_of_a_worker():
 
     info = cluster.cluster_info({"TF_CONFIG": json.dumps(tf_config)})
 
-    assert info == cluster.ClusterInfo(task_type="worker", task_id=0, num_workers=3,
-                                       has_chief_task=True, trial="1")
+    assert info == cluster.ClusterInfo(
+        task_type="worker", task_id=0, num_workers=3, has_chief_task=True, trial="1",
+        # The other trainers, whom a restarting worker waits for; never the ps.
+        peers=("training-workerpool0-abc-0:2222", "training-workerpool1-abc-1:2222"))
     assert not info.is_chief
 
 

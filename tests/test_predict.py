@@ -1,4 +1,4 @@
-"""The prediction command over a finished job's model: files, folders, globs, bad files."""
+"""The prediction command over a finished job's model: files, folders, globs, bad files, gs://."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 from absl import flags
 
 from trainer import predict
@@ -86,3 +87,24 @@ def test_command_line_entry_point(finished_job, image_folder):
     assert line.split(": ", 1)[1].split(" (")[0] in metrics["class_names"]
     assert "broken.jpg: ERROR" in completed.stderr
     assert "Predicted 1 of 2 images; 1 failed." in completed.stderr
+
+
+def test_model_and_images_on_cloud_storage(finished_job, image_folder, gcs_dir, capsys):
+    config, metrics = finished_job
+    model_dir, images_dir = f"{gcs_dir}/model", f"{gcs_dir}/images"
+    _copy_tree(config.model_dir, model_dir)
+    _copy_tree(str(image_folder), images_dir)
+    code = _run([f"--model={model_dir}", f"--images={images_dir}/*.jpg", "--json"])
+    results = {r["path"]: r for r in _json_lines(capsys.readouterr().out)}
+    assert code == 0
+    assert set(results) == {f"{images_dir}/circle.jpg", f"{images_dir}/broken.jpg"}
+    assert results[f"{images_dir}/circle.jpg"]["label"] in metrics["class_names"]
+    assert "error" in results[f"{images_dir}/broken.jpg"]
+
+
+def _copy_tree(source, target):
+    for directory, _, files in tf.io.gfile.walk(source):
+        relative = os.path.relpath(directory, source)
+        folder = target if relative == "." else f"{target}/{relative}"
+        for name in files:
+            tf.io.gfile.copy(f"{directory}/{name}", f"{folder}/{name}", overwrite=True)

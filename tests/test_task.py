@@ -74,9 +74,9 @@ def test_vertex_output_dirs_are_used(binary_dir):
     environ = {"AIP_MODEL_DIR": "gs://b/out/model/", "AIP_CHECKPOINT_DIR": "gs://b/out/checkpoints/",
                "AIP_TENSORBOARD_LOG_DIR": "gs://b/out/logs/"}
     config = _parse([f"--data_dir={binary_dir}"], environ)
-    assert config.model_dir == "gs://b/out/model/"
-    assert config.checkpoint_dir == "gs://b/out/checkpoints/"
-    assert config.log_dir == "gs://b/out/logs/"
+    assert config.model_dir == "gs://b/out/model"
+    assert config.checkpoint_dir == "gs://b/out/checkpoints"
+    assert config.log_dir == "gs://b/out/logs"
     assert config.job_dir == "gs://b/out"
 
 

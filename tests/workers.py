@@ -154,14 +154,22 @@ class Job:
 
     def start(self) -> "Job":
         self.started = time.monotonic()
-        ports = free_ports(self.num_workers) if self.num_workers > 1 else []
-        for index in range(self.num_workers):
-            env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-            env.pop("TF_CONFIG", None)
-            if ports:
-                env["TF_CONFIG"] = tf_config(ports, index)
-            self.workers.append(Worker(f"worker {index}", self.args, env, self.log_path))
+        self._ports = free_ports(self.num_workers) if self.num_workers > 1 else []
+        self.workers = [self._launch(index) for index in range(self.num_workers)]
         return self
+
+    def restart(self, index: int) -> Worker:
+        """Starts worker ``index`` again (as the platform restarts a lost replica)."""
+        self.workers[index].kill()
+        self.workers[index] = self._launch(index)
+        return self.workers[index]
+
+    def _launch(self, index: int) -> Worker:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+        env.pop("TF_CONFIG", None)
+        if self._ports:
+            env["TF_CONFIG"] = tf_config(self._ports, index)
+        return Worker(f"worker {index}", self.args, env, self.log_path)
 
     def __enter__(self) -> "Job":
         return self.start()

@@ -1,5 +1,8 @@
 """Callbacks: epoch extras for TensorBoard, NaN guard, resumable backups, hypertune.
 
+``Backup`` backs up every N steps, at epoch ends and before preemption
+(SIGTERM, see ``recovery.py``), and restores when a phase starts.
+
 ``EpochExtras`` adds the learning rate, the phase and throughput to each
 epoch's logs; because it runs before Keras's TensorBoard callback and shares
 its logs dict, TensorBoard writes them next to loss and accuracy (as
@@ -14,6 +17,8 @@ import time
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
+
+from trainer import recovery
 
 
 class EpochExtras(keras.callbacks.Callback):
@@ -69,8 +74,14 @@ class RaiseOnNaN(keras.callbacks.Callback):
                 "rate or check the input data.")
 
 
+# A save_freq that never comes due. Backups are then taken at epoch ends and
+# before preemption only, yet Keras treats them as step-level, which is what
+# lets a backup taken mid-epoch resume mid-epoch.
+_NO_STEP_BACKUPS = 2**62
+
+
 class Backup(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that also backs up at every epoch end.
+    """BackupAndRestore that also backs up at every epoch end and before preemption.
 
     Keras's callback with an integer ``save_freq`` backs up only every N
     steps, so a restart after a finished epoch could redo up to N steps. Here
@@ -78,18 +89,54 @@ class Backup(keras.callbacks.BackupAndRestore):
     which Keras restores as "start the next epoch". Checkpoints are kept
     after training: a finished phase restores as finished, so re-running a
     completed job goes straight to export.
+
+    After every step it asks whether any worker got SIGTERM
+    (``recovery.sigterm_check``); then every worker backs up at that step and
+    ``recovery.Preempted`` ends the fit, without validation or an epoch-end
+    backup, since the epoch is not finished. A restart continues after that
+    step; its input pipeline starts afresh (Keras restores the counters, not
+    the data iterator). Every backup and restore is logged with the phase's
+    step, the optimizer's iteration count.
+
+    Args:
+      backup_dir: this phase's backup folder.
+      every_steps: also back up every this many steps; 0: no step backups.
+      phase: the phase number, for the log.
     """
 
-    def __init__(self, backup_dir: str, every_steps: int = 0):
-        super().__init__(backup_dir, save_freq=every_steps or "epoch",
+    def __init__(self, backup_dir: str, every_steps: int = 0, phase: int = 0):
+        super().__init__(backup_dir, save_freq=every_steps or _NO_STEP_BACKUPS,
                          delete_checkpoint=False)
+        self._every_steps = every_steps
+        self._phase = phase
+        self._sigterm_check = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)  # Restores the backup, if any.
+        self._sigterm_check = recovery.sigterm_check(self.model.distribute_strategy)
+        if self._step():
+            logging.info("Phase %d: resumed from %s at step %d.", self._phase,
+                         self.backup_dir, self._step())
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        logging.vlog(1, "Phase %d: step %d done.", self._phase, self._step())
+        if self._sigterm_check():
+            self._backup(self._current_epoch, batch, reason="preemption")
+            raise recovery.Preempted(recovery.sigterm_received(), self._current_epoch, batch)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.save_freq == "epoch":
-            super().on_epoch_end(epoch, logs)
-        else:
-            self._batches_count = 0
-            self._backup(epoch=epoch, batch=self.params["steps"] - 1)
+        self._batches_count = 0
+        self._backup(epoch, self.params["steps"] - 1, reason="epoch end")
+
+    def _backup(self, epoch, batch=0, reason=""):
+        super()._backup(epoch=epoch, batch=batch)
+        logging.info("Phase %d: backed up at step %d (epoch %d, step %d of %d; %s).",
+                     self._phase, self._step(), epoch + 1, batch + 1, self.params["steps"],
+                     reason or f"every {self._every_steps} steps")
+
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
 
 
 class HypertuneReporter(keras.callbacks.Callback):

@@ -14,7 +14,7 @@ worker 0 when there is no chief task.
 import dataclasses
 import json
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import tensorflow as tf
 
@@ -22,6 +22,8 @@ import tensorflow as tf
 # 2 the parameter servers (or Reduction Server), 3 the evaluators.
 _POOL_ROLES = {"workerpool0": "chief", "workerpool1": "worker",
                "workerpool2": "ps", "workerpool3": "evaluator"}
+# Set by trainer/recovery.py when a trainer restarts itself in place: how often it has.
+RESTARTS_ENV = "TRAINER_RESTARTS"
 # Older TF_CONFIG producers name the chief "master"; TensorFlow wants "chief".
 _TASK_ALIASES = {"master": "chief"}
 
@@ -35,6 +37,8 @@ class ClusterInfo:
     num_workers: int = 1  # Chief plus workers: the processes that train.
     has_chief_task: bool = True
     trial: str = ""  # Vertex AI hyperparameter tuning trial id; "" outside a study.
+    peers: Tuple[str, ...] = ()  # host:port of the other training processes.
+    restarts: int = 0  # In-place restarts so far (trainer/recovery.py).
 
     @property
     def is_chief(self) -> bool:
@@ -60,20 +64,26 @@ def cluster_info(environ: Optional[Mapping[str, str]] = None) -> ClusterInfo:
       The ClusterInfo; a lone chief when neither TF_CONFIG nor CLUSTER_SPEC is set.
     """
     environ = os.environ if environ is None else environ
+    restarts = int(environ.get(RESTARTS_ENV) or 0)
     if environ.get("TF_CONFIG"):
         cluster, task = _parse_cluster(json.loads(environ["TF_CONFIG"]), _TASK_ALIASES)
     elif environ.get("CLUSTER_SPEC"):
         cluster, task = _parse_cluster(json.loads(environ["CLUSTER_SPEC"]), _POOL_ROLES)
     else:
-        return ClusterInfo(trial=environ.get("CLOUD_ML_TRIAL_ID", ""))
+        return ClusterInfo(trial=environ.get("CLOUD_ML_TRIAL_ID", ""), restarts=restarts)
     num_workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    task_type, task_id = task.get("type") or "chief", int(task.get("index", 0))
     return ClusterInfo(
-        task_type=task.get("type") or "chief",
-        task_id=int(task.get("index", 0)),
+        task_type=task_type,
+        task_id=task_id,
         num_workers=max(num_workers, 1),
         has_chief_task=bool(cluster.get("chief")),
         # cloudml-hypertune's own variable backs up the documented task.trial.
         trial=str(task.get("trial") or environ.get("CLOUD_ML_TRIAL_ID") or ""),
+        peers=tuple(address for job in ("chief", "worker")
+                    for index, address in enumerate(cluster.get(job, []))
+                    if (job, index) != (task_type, task_id)),
+        restarts=restarts,
     )
 
 
@@ -133,7 +143,7 @@ def _create_tpu_strategy(tpu: str) -> tf.distribute.Strategy:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, tf.errors.OpError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:  # OSError: no metadata server.
         raise RuntimeError(
             f"--strategy=tpu: no TPU reachable (--tpu={tpu!r}): {e}") from e
     return tf.distribute.TPUStrategy(resolver)
@@ -144,8 +154,10 @@ def worker_dir(directory: str, info: ClusterInfo) -> str:
 
     Under MultiWorkerMirroredStrategy every worker must run saves (they hold
     collective ops); non-chief workers write to a scratch folder beside the
-    real one, which the caller removes afterwards.
+    real one, which the caller removes afterwards. Beside, not inside: the
+    chief replaces its folder as a whole (export's atomic swap), which would
+    pull a scratch folder inside it away from a worker still writing there.
     """
     if info.is_chief:
         return directory
-    return f"{directory.rstrip('/')}/.worker_{info.task_type}_{info.task_id}"
+    return f"{directory.rstrip('/')}.worker_{info.task_type}_{info.task_id}"

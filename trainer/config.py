@@ -87,6 +87,8 @@ class Config:
     feature_cache: bool = True
     mixed_precision: str = "none"
     jit_compile: bool = False
+    max_restarts: int = 3
+    restart_wait_seconds: float = 600.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -207,6 +209,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "jit_compile", False,
         "Compile train steps with XLA. Faster on GPU and TPU; about ten times "
         "slower on CPU, so off by default.", **fv)
+    flags.DEFINE_integer(
+        "max_restarts", 3,
+        "Times a worker restarts itself in place after a transient failure "
+        "(UnavailableError, DeadlineExceededError, AbortedError: a peer died "
+        "or was preempted, a storage hiccup), resuming from its last backup; "
+        "counted over the process's life. 0 fails at once.", **fv)
+    flags.DEFINE_float(
+        "restart_wait_seconds", 600.0,
+        "Before such a restart, seconds to wait for every other worker of a "
+        "multi-worker job to accept connections again (the platform restarts "
+        "a lost one); past it the worker exits non-zero.", **fv)
     flags.DEFINE_bool(
         "export_tflite", False,
         "After export, also convert the model to TFLite (float and "
@@ -307,6 +320,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
         ("label_smoothing", 0.0 <= config.label_smoothing < 1.0, "must be in [0, 1)"),
         ("early_stopping_patience", config.early_stopping_patience >= 0,
          "must be 0 or more (0: off)"),
+        ("max_restarts", config.max_restarts >= 0, "must be 0 or more"),
+        ("restart_wait_seconds", config.restart_wait_seconds >= 0, "must be 0 or more"),
         ("job_dir", bool(config.job_dir), "must not be empty"),
         ("tpu", not (config.tpu and config.strategy not in ("auto", "tpu")),
          f"is set but --strategy={config.strategy}; use --strategy=tpu or auto"),

@@ -118,8 +118,7 @@ def create_model(backbone: str, num_classes: int, image_size: int, dropout: floa
     inputs = keras.Input(shape, name="image")
     x = inputs
     if augment:
-        x = keras.layers.RandomFlip("horizontal", seed=seed, name="random_flip")(x)
-        x = keras.layers.RandomRotation(0.2, seed=seed, name="random_rotation")(x)
+        x = augmentation(seed)(x)
     if spec.rescale:
         x = keras.layers.Rescaling(*spec.rescale, name="rescale")(x)
     x = base(x, training=False)  # BatchNorm stays in inference mode in both phases.
@@ -128,6 +127,19 @@ def create_model(backbone: str, num_classes: int, image_size: int, dropout: floa
     units = 1 if num_classes == 2 else num_classes
     outputs = keras.layers.Dense(units, dtype="float32", name=LOGITS_LAYER)(x)
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+
+
+def augmentation(seed: Optional[int] = None) -> keras.Sequential:
+    """The recipe's augmentation: horizontal flip and rotation by up to 0.2 of a turn.
+
+    Active only when called with training=True. It sits inside the model by
+    default; under XLA it runs in the input pipeline instead, because the
+    rotation's image-transform op has no XLA kernel.
+    """
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed, name="random_flip"),
+        keras.layers.RandomRotation(0.2, seed=seed, name="random_rotation"),
+    ], name="augmentation")
 
 
 def get_backbone(model: keras.Model) -> keras.Model:

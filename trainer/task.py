@@ -1,7 +1,8 @@
 """Entry point: ``python -m trainer.task --flag=...`` (the command Vertex AI runs).
 
 Parses flags into a Config, builds the strategy and hands both to the
-trainer (or to the demo when no --data_dir is given). Nothing else.
+trainer (or to the demo when no --data_dir is given), under the fault
+handling of ``recovery.py``. Nothing else.
 """
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -16,6 +17,7 @@ from absl import logging
 from trainer import cluster
 from trainer import config as config_lib
 from trainer import demo
+from trainer import recovery
 from trainer import train
 
 FLAGS = flags.FLAGS
@@ -35,7 +37,10 @@ def _main(argv):
     logging.info("Strategy %s with %d replicas; task %s/%d.", name,
                  strategy.num_replicas_in_sync, info.task_type, info.task_id)
     run = demo.run_demo if config.demo else train.train_and_evaluate
-    metrics = run(config, strategy, info)
+    recovery.install_sigterm_handler()
+    metrics = recovery.run_with_restarts(
+        lambda: run(config, strategy, info), config.max_restarts, info.restarts,
+        info.peers, config.restart_wait_seconds)
     if info.is_chief:
         _print_summary(config, metrics)
 

@@ -86,7 +86,8 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     with strategy.scope():
         model = model_lib.create_model(
             config.backbone, data.num_classes, config.image_size, config.dropout,
-            weights=weights, augment=config.augment, seed=config.seed)
+            weights=weights, augment=config.augment and not config.jit_compile,
+            seed=config.seed)
     if info.is_chief:
         config_lib.write_config(config, config.job_dir)
 
@@ -136,12 +137,17 @@ def _validation_steps(count: int, global_batch: int) -> int:
 
 
 def _distribute(strategy, split, config, training):
+    # Under XLA, augmentation runs here rather than in the compiled model.
+    augment = (model_lib.augmentation(config.seed)
+               if training and config.augment and config.jit_compile else None)
+
     def dataset_fn(input_context):
         return pipeline.make_dataset(
             split, config.image_size, input_context.get_per_replica_batch_size(
                 config.batch_size * strategy.num_replicas_in_sync),
             training=training, input_context=input_context, cache=config.cache,
-            shuffle_buffer=config.shuffle_buffer, seed=config.seed, repeat=True)
+            shuffle_buffer=config.shuffle_buffer, seed=config.seed, repeat=True,
+            augment=augment)
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
@@ -179,7 +185,7 @@ def _run_phase(model, train_data, validation_data, phase: Phase, config, strateg
     callbacks = [
         callbacks_lib.EpochExtras(phase.number, global_batch),
         callbacks_lib.RaiseOnNaN(),
-        callbacks_lib.Backup(backup_dir, config.checkpoint_every_steps),
+        callbacks_lib.Backup(backup_dir, config.checkpoint_every_steps, phase.number),
         keras.callbacks.TensorBoard(config.log_dir, write_graph=False, profile_batch=0),
         # Only the chief of a Vertex AI tuning trial reports the study's metric.
         callbacks_lib.HypertuneReporter(config.hypertune_metric,

@@ -22,7 +22,7 @@ gives the same elements in the same order on every run.
 
 import dataclasses
 import random
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
@@ -103,7 +103,8 @@ def _list_images(root: str, split: str, class_names: Sequence[str]) -> Split:
     return Split(split, len(paths), tuple(paths), tuple(labels))
 
 
-def hold_out(split: Split, fraction: float, seed: int, name: str = "test") -> Tuple[Split, Split]:
+def hold_out(split: Split, fraction: float, seed: int,
+             name: str = "test") -> Tuple[Split, Split]:
     """Splits off a deterministic, per-class fraction of a split.
 
     ``trainer.prepare`` holds out its test split with this same function, so
@@ -213,7 +214,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
                  input_context: Optional[tf.distribute.InputContext] = None,
                  cache: str = "memory", shuffle_buffer: int = 10000,
                  seed: Optional[int] = None, deterministic: bool = False,
-                 repeat: bool = False) -> tf.data.Dataset:
+                 repeat: bool = False,
+                 augment: Optional[Callable] = None) -> tf.data.Dataset:
     """Batches of (float32 images in [0, 255], int32 labels) for one pipeline.
 
     Args:
@@ -224,6 +226,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
       training: shuffle, repeat forever and drop the last partial batch.
       repeat: for evaluation data, repeat whole passes forever (validation
         inside ``fit``, which takes a fixed number of steps per epoch).
+      augment: a callable applied to float image batches with
+        ``training=True`` (Keras augmentation layers), or None.
       input_context: the strategy's input context; each pipeline reads its
         own share of files.
       cache: 'memory', 'none' or a file path prefix (local or gs://) for an
@@ -248,6 +252,9 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
         ds = ds.repeat()  # Whole passes: batches never straddle two passes.
     ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels),
                 num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:
+        ds = ds.map(lambda images, labels: (augment(images, training=True), labels),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks; results with their commands in benchmarks/results/."""

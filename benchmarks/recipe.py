@@ -1,0 +1,182 @@
+"""Whole recipe, side by side: the tutorial's way vs our trainer, same data and weights.
+
+Run (about 10 minutes on 2 cores):
+
+    python -m benchmarks.recipe \
+        --data_dir=../shared/data/cats_and_dogs_filtered \
+        --weights=../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
+
+Both sides train the same epochs on the same machine in one invocation. It
+reports wall time per phase, validation accuracy after every epoch, when each
+side first reaches the tutorial's final validation accuracy, test accuracy on
+one shared held-out set (our deterministic fifth of validation; the tutorial's
+own reshuffled test batches are reported too), and the ratios. Results go to
+benchmarks/results/recipe.json and recipe.md with the command that made them.
+"""
+
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import app
+from absl import flags
+from tensorboard.backend.event_processing import event_accumulator
+
+from benchmarks import tutorial_recipe
+from trainer import config as config_lib
+from trainer import train
+from trainer.data import pipeline
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "cats_and_dogs_filtered folder (train/, validation/).")
+flags.DEFINE_string("weights", None, "MobileNetV2 no-top Keras h5 weights file.")
+flags.DEFINE_integer("epochs", 10, "Phase-1 epochs of both sides.")
+flags.DEFINE_integer("fine_tune_epochs", 10, "Phase-2 epochs of both sides.")
+flags.DEFINE_string("work_dir", "/tmp/recipe_benchmark", "Scratch folder for our job dirs.")
+flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"),
+                    "Where recipe.json and recipe.md are written.")
+flags.DEFINE_list("sides", ["tutorial", "ours"], "Which sides to run.")
+flags.DEFINE_bool("feature_cache", True, "Our side's --feature_cache.")
+
+
+def _shared_test_set(data_dir: str):
+    return pipeline.describe(data_dir, test_fraction=0.2, seed=42).splits["test"]
+
+
+def _accuracy_on(model_fn, split, binary_logit: bool) -> float:
+    dataset = pipeline.make_dataset(split, 160, 64, training=False, cache="none")
+    correct = 0
+    for images, labels in dataset:
+        out = model_fn(images)
+        predicted = (out[:, 0] > 0).numpy().astype(int) if binary_logit else out
+        correct += int((predicted == labels.numpy()).sum())
+    return correct / split.count
+
+
+def run_tutorial(test_split) -> dict:
+    def shared_test(model):
+        return {"test_accuracy": _accuracy_on(lambda x: model(x, training=False), test_split,
+                                              binary_logit=True)}
+    return tutorial_recipe.run(FLAGS.data_dir, FLAGS.weights, FLAGS.epochs,
+                               FLAGS.fine_tune_epochs, on_model=shared_test)
+
+
+def run_ours() -> dict:
+    job_dir = os.path.join(FLAGS.work_dir, "ours")
+    shutil.rmtree(job_dir, ignore_errors=True)
+    fv = flags.FlagValues()
+    config_lib.define_flags(fv)
+    fv(["trainer", f"--data_dir={FLAGS.data_dir}", f"--job_dir={job_dir}",
+        f"--weights={FLAGS.weights}", f"--epochs={FLAGS.epochs}",
+        f"--fine_tune_epochs={FLAGS.fine_tune_epochs}", "--strategy=one_device",
+        f"--feature_cache={FLAGS.feature_cache}"])
+    config = config_lib.config_from_flags(fv, environ={})
+    start_wall = time.time()
+    start = time.perf_counter()
+    metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
+    total = time.perf_counter() - start
+    epochs = _epoch_times(f"{config.log_dir}/validation", start_wall)
+    phase1_end = epochs[FLAGS.epochs - 1]["seconds"] if FLAGS.epochs else 0.0
+    return {
+        "phase1_seconds": phase1_end,
+        "phase2_seconds": (epochs[-1]["seconds"] - phase1_end) if FLAGS.fine_tune_epochs else 0.0,
+        "total_seconds": total,
+        "epochs": epochs,
+        "test_accuracy": metrics["test"]["accuracy"],
+    }
+
+
+def _epoch_times(validation_log_dir: str, start_wall: float):
+    """Per-epoch validation accuracy with its wall time, from the TensorBoard events."""
+    acc = event_accumulator.EventAccumulator(validation_log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    return [{"epoch": e.step + 1, "seconds": e.wall_time - start_wall,
+             "val_accuracy": float(tf.make_ndarray(e.tensor_proto))}
+            for e in acc.Tensors("epoch_accuracy")]
+
+
+def _first_reaching(epochs, target):
+    return next((e["seconds"] for e in epochs if e["val_accuracy"] >= target), None)
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def summarize(results: dict) -> dict:
+    tut, ours = results.get("tutorial"), results.get("ours")
+    if not (tut and ours):
+        return {}
+    target = tut["epochs"][-1]["val_accuracy"]
+    target_phase1 = tut["epochs"][FLAGS.epochs - 1]["val_accuracy"]
+    ours_phase1_epochs = ours["epochs"][:FLAGS.epochs]
+    return {
+        "tutorial_final_val_accuracy": target,
+        "tutorial_phase1_val_accuracy": target_phase1,
+        "phase1_time_ratio": _ratio(ours["phase1_seconds"], tut["phase1_seconds"]),
+        "phase2_time_ratio": _ratio(ours["phase2_seconds"], tut["phase2_seconds"]),
+        "total_time_ratio": _ratio(ours["total_seconds"], tut["total_seconds"]),
+        "ours_seconds_to_tutorial_phase1_accuracy": _first_reaching(ours_phase1_epochs,
+                                                                    target_phase1),
+        "phase1_time_to_accuracy_ratio": _ratio(
+            _first_reaching(ours_phase1_epochs, target_phase1), tut["phase1_seconds"]),
+        "ours_seconds_to_tutorial_final_accuracy": _first_reaching(ours["epochs"], target),
+        "time_to_final_accuracy_ratio": _ratio(_first_reaching(ours["epochs"], target),
+                                               tut["total_seconds"]),
+        "test_accuracy_difference": ours["test_accuracy"] - tut["test_accuracy"],
+    }
+
+
+def write_report(results: dict, summary: dict, command: str) -> None:
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    report = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "tensorflow": tf.__version__, "results": results, "summary": summary}
+    with open(os.path.join(FLAGS.out_dir, "recipe.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = ["# Whole recipe: tutorial's way vs ours", "", "```", command, "```", "",
+             f"{report['machine']}, TensorFlow {tf.__version__}.", "",
+             "| | tutorial | ours | ratio |", "|---|---|---|---|"]
+    tut, ours = results.get("tutorial", {}), results.get("ours", {})
+    for key in ("phase1_seconds", "phase2_seconds", "total_seconds"):
+        a, b = tut.get(key), ours.get(key)
+        lines.append(f"| {key} | {_fmt(a)} | {_fmt(b)} | {_fmt(_ratio(b, a))} |")
+    lines.append(f"| test accuracy (shared split) | {_fmt(tut.get('test_accuracy'))} | "
+                 f"{_fmt(ours.get('test_accuracy'))} | |")
+    lines += ["", "Validation accuracy after each epoch (seconds since start):", "",
+              "| epoch | tutorial | ours |", "|---|---|---|"]
+    for i in range(max(len(tut.get("epochs", [])), len(ours.get("epochs", [])))):
+        cells = [f"{e[i]['val_accuracy']:.4f} ({e[i]['seconds']:.0f} s)" if i < len(e) else ""
+                 for e in (tut.get("epochs", []), ours.get("epochs", []))]
+        lines.append(f"| {i + 1} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Summary:", "", "```", json.dumps(summary, indent=2), "```", ""]
+    with open(os.path.join(FLAGS.out_dir, "recipe.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def _fmt(value):
+    return "" if value is None else f"{value:.4g}"
+
+
+def main(argv):
+    del argv
+    test_split = _shared_test_set(FLAGS.data_dir)
+    results = {}
+    if "tutorial" in FLAGS.sides:
+        results["tutorial"] = run_tutorial(test_split)
+    if "ours" in FLAGS.sides:
+        results["ours"] = run_ours()
+    summary = summarize(results)
+    print(json.dumps(summary, indent=2))
+    write_report(results, summary, "python -m benchmarks.recipe " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["data_dir", "weights"])
+    app.run(main)

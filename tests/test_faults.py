@@ -1,0 +1,336 @@
+"""Faults in real trainer processes: kill -9, SIGTERM, dead peers, kills mid-write.
+
+Every test runs ``python -m trainer.task`` through ``tests/workers.py``: two
+processes on 127.0.0.1 with ``TF_CONFIG`` (MultiWorkerMirroredStrategy), or
+one. The data is tiny (24 train images of 32 px, ``demo_cnn`` with random
+weights), so each epoch is 6 steps in both layouts; ``--v=1`` makes the
+``Backup`` callback log every step, which is how a test knows where a process
+was when it was killed and how many steps its restart redid.
+
+Each test records what happened as a row of the fault table (fault, outcome,
+steps redone, seconds until training moved again); the rows are printed at
+the end of the module (``pytest -s``) and written to the file named by
+``$FAULTS_TABLE`` when set. ``docs/faults.md`` holds the table of a real run.
+"""
+
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+import tensorflow as tf
+
+from workers import Job
+
+STEPS = 6  # Per epoch: 24 train images, global batch 4.
+WAIT = 180  # Seconds any one wait may take on a loaded 2-core machine.
+ROWS = []
+
+
+def _args(data_dir, job_dir, workers, **flags):
+    values = dict(data_dir=data_dir, job_dir=job_dir, weights="none", image_size=32,
+                  batch_size=4 // workers, backbone="demo_cnn", fine_tune_at=14,
+                  augment="false", epochs=2, fine_tune_epochs=1, checkpoint_every_steps=3,
+                  restart_wait_seconds=60, v=1)
+    values.update(flags)
+    return [f"--{name}={value}" for name, value in values.items()]
+
+
+def _steps_done(worker, phase):
+    return [int(m.group(1)) for m in worker.matches(rf"Phase {phase}: step (\d+) done")]
+
+
+def _last_step(worker, phase):
+    return max(_steps_done(worker, phase), default=0)
+
+
+def _backups(worker, phase):
+    """(step, reason) of each backup the worker logged in the phase."""
+    return [(int(m.group(1)), m.group(2)) for m in
+            worker.matches(rf"Phase {phase}: backed up at step (\d+) \(.*; (.*)\)")]
+
+
+def _resumed_at(worker, phase, start=0):
+    """The step the worker's phase resumed at (waits for the log line)."""
+    _, found = worker.wait_for(rf"Phase {phase}: resumed from .* at step (\d+)", WAIT, start)
+    return int(found.group(1))
+
+
+def _iterations(job_dir, phase):
+    """The optimizer's iteration count in the phase's backup (the chief's)."""
+    reader = tf.train.load_checkpoint(
+        tf.train.latest_checkpoint(f"{job_dir}/checkpoints/phase{phase}/chief"))
+    key = next(k for k in reader.get_variable_to_shape_map() if "optimizer/_iterations" in k)
+    return int(reader.get_tensor(key))
+
+
+def _record(fault, outcome, redone, seconds):
+    ROWS.append((fault, outcome, redone, seconds))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fault_table():
+    """Prints (and with $FAULTS_TABLE, writes) the rows the tests recorded."""
+    yield
+    lines = ["| Fault | What happened | Steps redone | Time to resume (s) |",
+             "|---|---|---|---|"]
+    lines += [f"| {f} | {o} | {r} | {'' if s is None else f'{s:.1f}'} |"
+              for f, o, r, s in ROWS]
+    table = "\n".join(lines)
+    print("\n" + table)
+    if os.environ.get("FAULTS_TABLE"):
+        with open(os.environ["FAULTS_TABLE"], "w") as f:
+            f.write(table + "\n")
+
+
+def _first_step_after(worker, phase, step, start=0):
+    """Time of the first 'step N done' line with N > step."""
+    t, _ = worker.wait_for(rf"Phase {phase}: step ({step + 1}) done", WAIT, start)
+    return t
+
+
+# ------------------------------------------------------------ Two workers
+
+
+def test_kill_both_workers_in_each_phase_resumes_and_finishes(binary_dir, tmp_path):
+    """Faults 1 and 2: kill -9 both workers mid-epoch, in phase 1 then phase 2."""
+    job_dir = tmp_path / "job"
+    args = _args(binary_dir, job_dir, 2)
+    log = str(tmp_path / "workers.log")
+
+    with Job(args, 2, log) as first:
+        first.chief.wait_for(r"Phase 1: step 10 done", WAIT)
+        first.signal(signal.SIGKILL)
+        assert first.wait(60) == [-signal.SIGKILL] * 2
+    killed_at = _last_step(first.chief, 1)
+    backed_up = max(step for step, _ in _backups(first.chief, 1))
+
+    with Job(args, 2, log) as second:
+        resumed = [_resumed_at(w, 1) for w in second.workers]
+        moved = _first_step_after(second.chief, 1, resumed[0])
+        second.chief.wait_for(r"Phase 2: step 4 done", WAIT)
+        second.signal(signal.SIGKILL)
+        second.wait(60)
+    # Both workers restore the chief's backup: the last one taken before the kill.
+    assert resumed == [backed_up, backed_up] and STEPS < backed_up < 2 * STEPS
+    assert min(_steps_done(second.chief, 1)) == backed_up + 1
+    _record("kill -9 both workers mid-epoch, phase 1; restart both",
+            f"both resumed at step {backed_up} of 12", killed_at - backed_up,
+            moved - second.started)
+    killed_at = _last_step(second.chief, 2)
+    backed_up = max(step for step, _ in _backups(second.chief, 2))
+
+    with Job(args, 2, log) as third:
+        resumed = [_resumed_at(w, 2) for w in third.workers]
+        moved = _first_step_after(third.chief, 2, resumed[0])
+        assert third.wait(WAIT) == [0, 0], third.chief.tail() + third.workers[1].tail()
+    # Phase 1 restored as finished (no step of it ran again) and phase 2's
+    # optimizer continued from its backup.
+    assert resumed == [backed_up, backed_up] and 0 < backed_up < STEPS
+    assert not _steps_done(third.chief, 1)
+    assert "Epoch 3/3" in third.chief.output
+    _record("kill -9 both workers mid-epoch, phase 2; restart both",
+            f"phase 2 resumed at step {backed_up} of 6, phase 1 not redone", killed_at - backed_up,
+            moved - third.started)
+
+    # The same counts as an uninterrupted run: epochs x steps per epoch.
+    assert _iterations(job_dir, 1) == 2 * STEPS
+    assert _iterations(job_dir, 2) == 1 * STEPS
+    # Every worker exported (the non-chief to scratch, then removed); the chief evaluated.
+    assert (job_dir / "model" / "saved_model.pb").exists()
+    assert (job_dir / "metrics.json").exists()
+    assert sorted(p.name for p in job_dir.iterdir() if p.name.startswith("model")) == ["model"]
+
+
+def test_dead_worker_ends_the_other_quickly_and_both_resume(binary_dir, tmp_path):
+    """Fault 3: kill -9 one worker; the other exits non-zero instead of hanging."""
+    args = _args(binary_dir, tmp_path / "job", 2, restart_wait_seconds=3)
+    log = str(tmp_path / "workers.log")
+
+    with Job(args, 2, log) as first:
+        first.chief.wait_for(r"Phase 1: step 10 done", WAIT)
+        killed = first.workers[1].signal(signal.SIGKILL)
+        code = first.chief.wait(90)
+        ended = time.monotonic() - killed
+    assert code not in (0, -signal.SIGKILL)
+    assert first.chief.matches(r"Peers .* not reachable within 3 s")
+    # Lost peer noticed (UnavailableError), 3 s of waiting for it, then out.
+    assert ended < 45
+    backed_up = max(step for step, _ in _backups(first.chief, 1))
+    _record("kill -9 one worker, not replaced",
+            f"the other exited {code} after {ended:.1f} s (3 s of it waiting for the peer)",
+            None, None)
+
+    with Job(args, 2, log) as second:
+        resumed = [_resumed_at(w, 1) for w in second.workers]
+        moved = _first_step_after(second.chief, 1, resumed[0])
+    assert resumed == [backed_up, backed_up]
+    _record("... then restart both", f"both resumed at step {backed_up}",
+            _last_step(first.chief, 1) - backed_up, moved - second.started)
+
+
+def test_preempted_or_killed_worker_rejoins_and_the_other_restarts_in_place(
+        binary_dir, tmp_path):
+    """Fault 4 and in-place recovery: SIGTERM to one worker, then kill -9 of the chief.
+
+    Each time the platform restarts only the lost worker (here: the test);
+    the survivor restarts itself in place instead of failing the job.
+    """
+    args = _args(binary_dir, tmp_path / "job", 2)
+    with Job(args, 2, str(tmp_path / "workers.log")) as job:
+        job.chief.wait_for(r"Phase 1: step 8 done", WAIT)
+        sent = job.workers[1].signal(signal.SIGTERM)
+        assert job.workers[1].wait(90) == 143
+        preempted = [s for s, why in _backups(job.workers[1], 1) if why == "preemption"]
+        redone = _last_step(job.workers[1], 1) - preempted[0]
+        # One backup at one step, taken by both workers together before the exit.
+        assert len(preempted) == 1
+        assert (preempted[0], "preemption") in _backups(job.chief, 1)
+        survivor_lines = len(job.chief.lines)
+        job.restart(1)
+        job.chief.wait_for(r"Restarting in place", WAIT)
+        resumed = [_resumed_at(w, 1) for w in job.workers]
+        moved = _first_step_after(job.chief, 1, preempted[0], survivor_lines)
+        assert resumed == [preempted[0]] * 2
+        _record("SIGTERM to one worker (preemption notice); the platform restarts it",
+                f"both backed up at step {preempted[0]}; it exited 143, the other restarted "
+                "in place; both resumed there", redone, moved - sent)
+
+        job.chief.wait_for(r"Phase 2: step 4 done", WAIT, survivor_lines)
+        killed = job.workers[0].signal(signal.SIGKILL)
+        job.workers[0].wait(30)
+        last = _last_step(job.workers[1], 2)
+        backed_up = max(step for step, _ in _backups(job.workers[1], 2))
+        survivor_lines = len(job.workers[1].lines)
+        time.sleep(2)  # The platform takes a while to bring a replica back.
+        job.restart(0)
+        job.workers[1].wait_for(r"Restarting in place", WAIT, survivor_lines)
+        resumed = [_resumed_at(w, 2) for w in job.workers]
+        moved = _first_step_after(job.workers[1], 2, backed_up, survivor_lines)
+        assert resumed == [backed_up] * 2
+        assert job.wait(WAIT) == [0, 0]
+    _record("kill -9 the chief; the platform restarts it 2 s later",
+            f"the worker restarted in place; both resumed at step {backed_up}; job finished",
+            last - backed_up, moved - killed)
+
+
+# ------------------------------------------------------------ One worker
+
+
+@pytest.fixture(scope="module")
+def sigterm_job(binary_dir, tmp_path_factory):
+    """A single-worker job stopped by SIGTERM in phase 1, then in phase 2, then finished.
+
+    Returns (job_dir, the three Jobs, the preemption steps of phases 1 and 2).
+    """
+    root = tmp_path_factory.mktemp("sigterm")
+    job_dir = root / "job"
+    args = _args(binary_dir, job_dir, 1, feature_cache="false")
+    log = str(root / "worker.log")
+    jobs, preempted = [], []
+    for phase, marker in ((1, r"Phase 1: step 8 done"), (2, r"Phase 2: step 2 done")):
+        with Job(args, 1, log) as job:
+            job.chief.wait_for(marker, WAIT)
+            job.signal(signal.SIGTERM)
+            assert job.wait(90) == [143], job.chief.tail()
+        jobs.append(job)
+        preempted.append([s for s, why in _backups(job.chief, phase) if why == "preemption"])
+    with Job(args, 1, log) as job:
+        assert job.wait(WAIT) == [0], job.chief.tail()
+    jobs.append(job)
+    return job_dir, jobs, preempted
+
+
+def test_sigterm_in_each_phase_backs_up_and_resumes_there(sigterm_job):
+    """Fault 6 (SIGTERM; kill -9 is in test_task.py): single worker, each phase."""
+    job_dir, jobs, preempted = sigterm_job
+    for phase, (stopped, resumed_job) in enumerate(zip(jobs, jobs[1:]), start=1):
+        assert len(preempted[phase - 1]) == 1
+        step = preempted[phase - 1][0]
+        # Nothing ran after the backup, and the restart went on from that very step.
+        assert _last_step(stopped.chief, phase) == step
+        assert _resumed_at(resumed_job.chief, phase) == step
+        assert min(_steps_done(resumed_job.chief, phase)) == step + 1
+        moved = _first_step_after(resumed_job.chief, phase, step)
+        _record(f"one worker: SIGTERM in phase {phase}",
+                f"backed up at step {step}, exited 143; restart resumed there", 0,
+                moved - resumed_job.started)
+    assert not _steps_done(jobs[2].chief, 1)
+    assert _iterations(job_dir, 1) == 2 * STEPS
+    assert _iterations(job_dir, 2) == 1 * STEPS
+
+
+def _kill_when(path_test, job, poll=0.0005, timeout=WAIT):
+    """SIGKILLs the job the moment ``path_test()`` returns a path; returns that path."""
+    found = []
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while not found and time.monotonic() < deadline and job.chief.process.poll() is None:
+            hit = path_test()
+            if hit:
+                job.signal(signal.SIGKILL)
+                found.append(hit)
+            time.sleep(poll)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    watcher.join(timeout + 5)
+    return found[0] if found else None
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(binary_dir, tmp_path):
+    """Fault 5a: SIGKILL while TensorFlow writes a backup (its ckpt-N_temp folder exists)."""
+    job_dir = tmp_path / "job"
+    backup_dir = job_dir / "checkpoints" / "phase1" / "chief"
+    args = _args(binary_dir, job_dir, 1, feature_cache="false", checkpoint_every_steps=1)
+
+    def writing():
+        # Wait for a first complete backup, so there is a previous one to keep.
+        if not (backup_dir / "checkpoint").exists():
+            return None
+        temp = [n for n in os.listdir(backup_dir) if "_temp" in n]
+        return temp[0] if temp else None
+
+    with Job(args, 1, str(tmp_path / "worker.log")) as job:
+        job.chief.wait_for(r"Phase 1: backed up at step 1 ", WAIT)
+        hit = _kill_when(writing, job)
+        assert hit, "never saw a backup being written"
+        assert job.wait(30) == [-signal.SIGKILL]
+    mid_write = any("_temp" in n for n in os.listdir(backup_dir))
+    logged = [s for s, _ in _backups(job.chief, 1)]
+    iterations = _iterations(job_dir, 1)
+    # The checkpoint the state file names is whole, and it is a backup the log announced.
+    assert iterations in logged
+    _record("kill -9 during a checkpoint write (ckpt-N_temp present)",
+            f"latest checkpoint loads (step {iterations}); "
+            f"{'half-written files left beside it' if mid_write else 'write had just ended'}",
+            _last_step(job.chief, 1) - iterations, None)
+
+
+def test_kill_during_the_export_keeps_the_previous_model(sigterm_job, binary_dir, tmp_path):
+    """Fault 5b: SIGKILL as soon as model.partial appears; the old model still serves.
+
+    Re-running the finished job of ``sigterm_job`` restores both phases as
+    finished and goes straight to the export.
+    """
+    finished, _, _ = sigterm_job
+    job_dir = tmp_path / "job"
+    shutil.copytree(finished, job_dir)
+    before = (job_dir / "model" / "saved_model.pb").read_bytes()
+    args = _args(binary_dir, job_dir, 1, feature_cache="false")
+
+    with Job(args, 1, str(tmp_path / "worker.log")) as job:
+        hit = _kill_when(lambda: (job_dir / "model.partial").exists() and "model.partial", job)
+        assert hit, job.chief.tail()
+        assert job.wait(30) == [-signal.SIGKILL]
+    assert (job_dir / "model" / "saved_model.pb").read_bytes() == before
+    loaded = tf.saved_model.load(str(job_dir / "model"))
+    out = loaded.signatures["serving_images"](images=tf.zeros([1, 32, 32, 3]))
+    assert out["probabilities"].shape == (1, 1)
+    _record("kill -9 during the export (model.partial present)",
+            "previous model intact and serving; a rerun exports again", None, None)
+

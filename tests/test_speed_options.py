@@ -1,0 +1,82 @@
+"""Speed options at tiny size: the phase-1 feature cache, mixed precision, XLA."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from conftest import tiny_config
+from trainer import cluster
+from trainer import features
+from trainer import model as model_lib
+from trainer import train
+from trainer.data import pipeline
+
+
+def test_cached_features_equal_the_backbone_forward_pass(shapes_dir):
+    model = model_lib.create_model("mobilenet_v2", 3, 32, 0.2, weights=None, seed=0)
+    split = pipeline.describe(shapes_dir).splits["train"]
+    context = tf.distribute.InputContext(1, 0, 1)
+    vectors, labels = features.extract(model, split, 32, context)
+    assert vectors.shape == (split.count, 1280)
+    assert sorted(labels.tolist()) == sorted(split.labels)
+
+    pooled = keras.Model(model.input, model.get_layer(model_lib.POOL_LAYER).output)
+    images = pipeline.make_dataset(split, 32, 64, training=False, cache="none")
+    direct = np.concatenate([pooled(x, training=False).numpy() for x, _ in images])
+    np.testing.assert_allclose(vectors, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_head_trains_the_full_models_logit_layer():
+    model = model_lib.create_model("demo_cnn", 3, 32, 0.2, weights=None, seed=0)
+    head = features.head_model(model)
+    assert head.get_layer(model_lib.LOGITS_LAYER) is model.get_layer(model_lib.LOGITS_LAYER)
+    kernel = model.get_layer(model_lib.LOGITS_LAYER).kernel
+    head.compile(keras.optimizers.SGD(1.0), keras.losses.SparseCategoricalCrossentropy(True))
+    before = kernel.numpy().copy()
+    head.fit(np.ones((4, 128), np.float32), np.array([0, 1, 2, 0]), verbose=0)
+    assert not np.array_equal(before, kernel.numpy())
+
+
+@pytest.mark.parametrize("task_type, task_id, has_chief, expected", [
+    ("chief", 0, True, 0), ("worker", 0, True, 1), ("worker", 1, True, 2),
+    ("worker", 0, False, 0), ("worker", 1, False, 1)])
+def test_feature_cache_reads_the_same_share_as_the_worker_pipeline(
+        task_type, task_id, has_chief, expected):
+    info = cluster.ClusterInfo(task_type, task_id, 3, has_chief_task=has_chief)
+    context = features.input_context(info, tf.distribute.get_strategy())
+    assert context.input_pipeline_id == expected
+    assert context.num_input_pipelines == 3
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_both_phase_one_paths_train(feature_cache, shapes_dir, tmp_path):
+    config = tiny_config(shapes_dir, tmp_path, backbone="demo_cnn", fine_tune_at=0,
+                         fine_tune_epochs=0, epochs=2, feature_cache=feature_cache)
+    metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
+    assert len(metrics["history"]["loss"]) == 2
+    assert np.isfinite(metrics["history"]["loss"]).all()
+
+
+def test_mixed_precision_keeps_logits_float32(shapes_dir, tmp_path):
+    config = tiny_config(shapes_dir, tmp_path, backbone="demo_cnn", fine_tune_at=0,
+                         mixed_precision="mixed_bfloat16")
+    try:
+        metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
+        model = model_lib.create_model("demo_cnn", 3, 32, 0.2, weights=None)
+        assert model.get_layer(model_lib.BACKBONE_LAYER).compute_dtype == "bfloat16"
+        assert model.output.dtype == tf.float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert np.isfinite(metrics["history"]["loss"]).all()
+    served = tf.saved_model.load(config.model_dir).signatures["serving_images"]
+    out = served(images=tf.zeros([1, 32, 32, 3]))["probabilities"]
+    assert out.dtype == tf.float32
+    np.testing.assert_allclose(out.numpy().sum(), 1.0, rtol=1e-3)
+
+
+def test_jit_compile_trains(shapes_dir, tmp_path):
+    config = tiny_config(shapes_dir, tmp_path, backbone="demo_cnn", fine_tune_at=0,
+                         jit_compile=True, feature_cache=False)
+    metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
+    assert np.isfinite(metrics["history"]["loss"]).all()
