@@ -37,7 +37,7 @@ ENV PYTHONUNBUFFERED=1 \
 # data, job outputs, .git, credentials) out of the build context too.
 COPY setup.py /tmp/trainer-src/
 COPY trainer /tmp/trainer-src/trainer
-RUN pip install "/tmp/trainer-src[hypertune]" && rm -rf /tmp/trainer-src
+RUN pip install "/tmp/trainer-src[hypertune,plots]" && rm -rf /tmp/trainer-src
 
 # Train as an unprivileged user; relative paths (the default --job_dir) and
 # Keras's weight cache land in its home.

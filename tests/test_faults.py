@@ -189,9 +189,9 @@ def test_preempted_or_killed_worker_rejoins_and_the_other_restarts_in_place(
         # One backup at one step, taken by both workers together before the exit.
         assert len(preempted) == 1
         assert (preempted[0], "preemption") in _backups(job.chief, 1)
-        survivor_lines = len(job.chief.lines)
         job.restart(1)
         job.chief.wait_for(r"Restarting in place", WAIT)
+        survivor_lines = len(job.chief.lines)  # The survivor's output after its restart.
         resumed = [_resumed_at(w, 1) for w in job.workers]
         moved = _first_step_after(job.chief, 1, preempted[0], survivor_lines)
         assert resumed == [preempted[0]] * 2
@@ -200,11 +200,11 @@ def test_preempted_or_killed_worker_rejoins_and_the_other_restarts_in_place(
                 "in place; both resumed there", redone, moved - sent)
 
         job.chief.wait_for(r"Phase 2: step 4 done", WAIT, survivor_lines)
+        survivor_lines = len(job.workers[1].lines)
         killed = job.workers[0].signal(signal.SIGKILL)
         job.workers[0].wait(30)
         last = _last_step(job.workers[1], 2)
         backed_up = max(step for step, _ in _backups(job.workers[1], 2))
-        survivor_lines = len(job.workers[1].lines)
         time.sleep(2)  # The platform takes a while to bring a replica back.
         job.restart(0)
         job.workers[1].wait_for(r"Restarting in place", WAIT, survivor_lines)

@@ -33,7 +33,6 @@ DEMO_PRESET = {
     "batch_size": 32,
     "epochs": 10,
     "fine_tune_epochs": 4,
-    "fine_tune_at": 6,
     "learning_rate": 2e-2,
     "fine_tune_learning_rate": 2e-4,
     "weights": DEMO_SOURCE_WEIGHTS,
@@ -239,13 +238,13 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
     """
     environ = os.environ if environ is None else environ
     values = {name: flag_values[name].value for name in _flag_names()}
-    if not flag_values["fine_tune_at"].present:
-        values["fine_tune_at"] = _default_fine_tune_at(values["backbone"])
     demo = not values["data_dir"]
     if demo:
         for name, value in DEMO_PRESET.items():
             if not flag_values[name].present:
                 values[name] = value
+    if not flag_values["fine_tune_at"].present:
+        values["fine_tune_at"] = _default_fine_tune_at(values["backbone"])
     dirs = resolve_output_dirs(values["job_dir"], environ,
                                job_dir_given=flag_values["job_dir"].present)
     config = Config(demo=demo, **{**values, **dirs})

@@ -86,7 +86,7 @@ BACKBONES = {
         None, 177),
     "resnet50_v2": Backbone(  # 190 layers; 120 starts conv4_block4.
         _application(keras.applications.ResNet50V2), _TO_MINUS_ONE_ONE, 120),
-    "demo_cnn": Backbone(_build_demo_cnn, _TO_MINUS_ONE_ONE, 10),
+    "demo_cnn": Backbone(_build_demo_cnn, _TO_MINUS_ONE_ONE, 6),  # Blocks 2-4.
 }
 
 

@@ -30,13 +30,14 @@ So, in this module:
   hangs on a dead worker.
 """
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import tensorflow as tf
 from absl import logging
@@ -153,6 +154,8 @@ def wait_for_peers(peers: Sequence[str], timeout: float, interval: float = 0.5) 
     """Waits until every ``host:port`` accepts a TCP connection; False on timeout."""
     deadline = time.monotonic() + timeout
     waiting = list(peers)
+    # A peer killed a moment ago may still hold its port while it dies.
+    time.sleep(interval if waiting else 0)
     while waiting:
         waiting = [p for p in waiting if not _accepts(p)]
         if not waiting:
@@ -170,6 +173,32 @@ def _accepts(address: str) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def exit_unless_done_within(seconds: Optional[float], what: str):
+    """Ends the process (exit status 1) if the block takes longer than ``seconds``.
+
+    For waits TensorFlow does not bound: a restarted worker building
+    MultiWorkerMirroredStrategy waits for every peer to join, forever by
+    default. None: no limit.
+    """
+    if seconds is None:
+        yield
+        return
+
+    def give_up():
+        logging.error("%s took over %.0f s; exiting.", what, seconds)
+        logging.flush()
+        os._exit(1)  # The main thread is blocked inside TensorFlow: no exception reaches it.
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def restart_in_place(restarts: int) -> None:

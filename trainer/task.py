@@ -33,7 +33,10 @@ def _main(argv):
     info = cluster.cluster_info()
     name = cluster.choose_strategy(config.strategy, config.tpu, info,
                                    len(tf.config.list_physical_devices("GPU")))
-    strategy = cluster.create_strategy(name, config.tpu)
+    # After an in-place restart, peers that never come back must not hang the job.
+    with recovery.exit_unless_done_within(
+            config.restart_wait_seconds if info.restarts else None, "Rejoining the cluster"):
+        strategy = cluster.create_strategy(name, config.tpu)
     logging.info("Strategy %s with %d replicas; task %s/%d.", name,
                  strategy.num_replicas_in_sync, info.task_type, info.task_id)
     run = demo.run_demo if config.demo else train.train_and_evaluate
