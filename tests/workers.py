@@ -12,7 +12,6 @@ kills whatever is still running when the test ends, however it ends.
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -195,12 +194,3 @@ class Job:
         for worker in self.workers:
             worker.kill()
 
-
-def kill_on(worker: Worker, pattern: str, timeout: float, job: Optional[Job] = None,
-            signum: int = signal.SIGKILL) -> float:
-    """Sends ``signum`` (to all of ``job``, else to ``worker``) when ``pattern`` appears.
-
-    Returns the time the signal was sent.
-    """
-    worker.wait_for(pattern, timeout)
-    return job.signal(signum) if job else worker.signal(signum)

@@ -84,6 +84,7 @@ def export_model(model: keras.Model, class_names: Sequence[str], image_size: int
       model_dir.
     """
     model_dir = model_dir.rstrip("/")
+    _finish_interrupted_swap(model_dir)
     partial = f"{model_dir}.partial"
     if tf.io.gfile.exists(partial):
         tf.io.gfile.rmtree(partial)
@@ -125,6 +126,18 @@ def _check_loads(path: str, image_size: int) -> None:
         images=tf.zeros([1, image_size, image_size, 3]))
     if not bool(tf.reduce_all(tf.math.is_finite(outputs["probabilities"]))):
         raise ValueError(f"Exported model at {path} gives non-finite probabilities.")
+
+
+def _finish_interrupted_swap(target: str) -> None:
+    """Puts the previous model back if a kill fell between _move_into_place's renames.
+
+    Such a kill leaves no model at ``target``, the last good one at
+    ``target.previous`` and a new one at ``target.partial``; the export
+    about to run rewrites the new one.
+    """
+    previous = f"{target}.previous"
+    if not tf.io.gfile.exists(target) and tf.io.gfile.exists(previous):
+        tf.io.gfile.rename(previous, target)
 
 
 def _move_into_place(partial: str, target: str) -> None:

@@ -3,31 +3,33 @@
 What TensorFlow 2.21 does, measured by ``tests/test_faults.py``:
 
 * A killed MultiWorkerMirroredStrategy peer aborts the collectives of every
-  other worker: they get ``UnavailableError`` within a second when the peer's
-  port refuses, or within about 10 s (the coordination service's heartbeat
-  timeout) when its host vanishes. TensorFlow then says "Restart your program
-  to reset": the aborted collective runtime cannot be used again in this
-  process, so an in-process retry (Model Garden's loop around its experiment)
-  is not enough for this strategy.
-* Vertex AI sends SIGTERM before it takes a VM away. Python's default is to
+  other worker: they get ``UnavailableError`` within about a second when the
+  peer's port refuses, or about 10 s (the coordination service's heartbeat
+  timeout) when it does not answer. TensorFlow then says "Restart your
+  program to reset": the aborted collective runtime cannot be used again in
+  this process, so Model Garden's retry loop around its experiment is not
+  enough for this strategy.
+* A restarted worker building MultiWorkerMirroredStrategy waits for every
+  peer to join, forever by default.
+* Vertex AI sends SIGTERM before it takes a VM away; Python's default is to
   die on the spot, losing every step since the last backup.
 
 So, in this module:
 
 * ``install_sigterm_handler`` turns SIGTERM into a flag. The ``Backup``
-  callback (``callbacks.py``) checks it after every step, agrees with the
-  other workers (one all-reduce), backs up on every worker at that very step
-  and raises ``Preempted``.
+  callback checks it after every step through ``sigterm_check`` (one
+  all-reduce, so that every worker decides at the same step), backs up on
+  every worker and raises ``Preempted``.
 * ``run_with_restarts`` runs the trainer. The worker that got SIGTERM exits
-  with ``PREEMPTED_EXIT_CODE``. On a transient failure (``TRANSIENT_ERRORS``,
-  or ``Preempted`` because a *peer* was preempted) a worker with restarts
-  left waits until every peer accepts connections again (the platform
-  restarts the lost one) and then restarts itself in place: it re-executes
-  its own command line, so TensorFlow starts afresh and every phase restores
-  from its backup. The count of restarts travels to the new image in
-  ``cluster.RESTARTS_ENV``. When no restarts are left, or the peers stay away past
-  the wait, the error is raised and the process exits non-zero: a job never
-  hangs on a dead worker.
+  with ``PREEMPTED_EXIT_CODE``. After a transient failure (``TRANSIENT_ERRORS``,
+  or ``Preempted`` because a *peer* got SIGTERM), a worker with restarts left
+  waits until every peer accepts connections again (the platform brings the
+  lost one back) and restarts itself in place: it re-executes its own
+  command line, so TensorFlow starts afresh and every phase restores from
+  its backup, while the platform still sees the same running process.
+  ``exit_unless_done_within`` bounds its wait to rejoin the cluster.
+* With no restart left, or peers that stay away, the worker exits non-zero
+  at once: a job fails fast instead of hanging on a dead worker.
 """
 
 import contextlib
@@ -37,6 +39,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from typing import Callable, Optional, Sequence, TypeVar
 
 import tensorflow as tf
@@ -116,15 +119,17 @@ def run_with_restarts(run: Callable[[], T], max_restarts: int, restarts: int,
       restarts: restarts so far (``ClusterInfo.restarts``).
       peers: ``host:port`` of the other workers; empty for a single worker.
       wait_seconds: how long to wait for every peer to accept connections
-        before a restart; past it the failure is raised.
+        before a restart; past it the worker gives up.
 
     Returns:
       What ``run`` returns. On a restart this function does not return: the
-      process image is replaced.
+      process image is replaced; nor when a multi-worker job gives up (the
+      process exits with status 1, see ``_give_up``).
 
     Raises:
       SystemExit: with PREEMPTED_EXIT_CODE when this process got SIGTERM.
-      The failure, when it is not transient or no restart is left.
+      The failure, when it is not transient, or (single worker) when no
+      restart is left.
     """
     if restarts:
         logging.warning("In-place restart %d of %d: resuming from the backups.", restarts,
@@ -138,16 +143,26 @@ def run_with_restarts(run: Callable[[], T], max_restarts: int, restarts: int,
         failure = e
     except TRANSIENT_ERRORS as e:
         failure = e
+    logging.warning("Transient failure: %s: %s", type(failure).__name__, _summary(failure))
     if restarts >= max_restarts:
-        logging.error("Transient failure and no restart left (--max_restarts=%d).", max_restarts)
-        raise failure
-    logging.warning("Transient failure (%s: %s); restart %d of %d from the last backup.",
-                    type(failure).__name__, _first_line(failure), restarts + 1, max_restarts)
+        _give_up(failure, f"no restart left (--max_restarts={max_restarts})", peers)
     if not wait_for_peers(peers, wait_seconds):
-        logging.error("Peers %s not reachable within %.0f s; giving up.", list(peers),
-                      wait_seconds)
-        raise failure
+        _give_up(failure, f"peers {list(peers)} not reachable within {wait_seconds:g} s", peers)
+    logging.warning("Restart %d of %d, from the last backups.", restarts + 1, max_restarts)
     restart_in_place(restarts + 1)
+
+
+def _give_up(failure: BaseException, why: str, peers: Sequence[str]) -> None:
+    """Raises ``failure``; in a multi-worker job, logs it and exits at once instead."""
+    logging.error("Giving up: %s.", why)
+    if not peers:
+        raise failure
+    # After a lost peer, TensorFlow's own shutdown (its coordination agent and
+    # gRPC channels to the dead peer) was measured taking up to 30 s more;
+    # the failure is in the log, so leave now.
+    logging.error("%s", "".join(traceback.format_exception(failure)))
+    _flush_logs()
+    os._exit(1)
 
 
 def wait_for_peers(peers: Sequence[str], timeout: float, interval: float = 0.5) -> bool:
@@ -189,7 +204,7 @@ def exit_unless_done_within(seconds: Optional[float], what: str):
 
     def give_up():
         logging.error("%s took over %.0f s; exiting.", what, seconds)
-        logging.flush()
+        _flush_logs()
         os._exit(1)  # The main thread is blocked inside TensorFlow: no exception reaches it.
 
     timer = threading.Timer(seconds, give_up)
@@ -208,12 +223,17 @@ def restart_in_place(restarts: int) -> None:
     sees a worker that is still running.
     """
     logging.warning("Restarting in place: %s", " ".join(sys.orig_argv))
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_logs()
     os.execve(sys.executable, sys.orig_argv, {**os.environ, cluster.RESTARTS_ENV: str(restarts)})
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
+def _flush_logs() -> None:
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _summary(error: BaseException) -> str:
+    """The telling line of an error (TensorFlow's start with 'Graph execution error:')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "aborted by" in line), lines[0] if lines else "")
