@@ -121,7 +121,6 @@ class Backup(keras.callbacks.BackupAndRestore):
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
         if logging.vlog_is_on(1):  # Reading the step waits for it: only when asked (--v=1).
-            if logging.vlog_is_on(1):  # Reading the step waits for it: only when asked.
             logging.vlog(1, "Phase %d: step %d done.", self._phase, self._step())
         if self._sigterm_check():
             self._backup(self._current_epoch, batch, reason="preemption")
