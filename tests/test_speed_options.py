@@ -17,7 +17,7 @@ def test_cached_features_equal_the_backbone_forward_pass(shapes_dir):
     model = model_lib.create_model("mobilenet_v2", 3, 32, 0.2, weights=None, seed=0)
     split = pipeline.describe(shapes_dir).splits["train"]
     context = tf.distribute.InputContext(1, 0, 1)
-    vectors, labels = features.extract(model, split, 32, context)
+    [(vectors, labels)] = features.extract(model, [split], 32, context)
     assert vectors.shape == (split.count, 1280)
     assert sorted(labels.tolist()) == sorted(split.labels)
 

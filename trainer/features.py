@@ -13,7 +13,7 @@ cats-vs-dogs data in benchmarks/recipe.py.
 """
 
 import time
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -58,16 +58,21 @@ def input_context(info: cluster.ClusterInfo,
                                       num_replicas_in_sync=strategy.num_replicas_in_sync)
 
 
-def extract(model: keras.Model, split: pipeline.Split, image_size: int,
-            context: tf.distribute.InputContext, cache: str = "memory"
-            ) -> Tuple[np.ndarray, np.ndarray]:
-    """Pooled features [n, d] and labels [n] of this worker's share of a split.
+def extract(model: keras.Model, splits: Sequence[pipeline.Split], image_size: int,
+            context: tf.distribute.InputContext) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Pooled features [n, d] and labels [n] of this worker's share of each split.
 
     Runs locally on each worker (no collective ops): reading a mirrored
-    variable outside a replica context reads this worker's copy.
+    variable outside a replica context reads this worker's copy. One traced
+    forward function (any batch size) serves every split.
     """
     pooled = keras.Model(model.input, model.get_layer(model_lib.POOL_LAYER).output)
-    forward = tf.function(lambda images: pooled(images, training=False))
+    forward = tf.function(lambda images: pooled(images, training=False), input_signature=[
+        tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
+    return [_extract_split(forward, split, image_size, context) for split in splits]
+
+
+def _extract_split(forward, split, image_size, context):
     images = pipeline.make_dataset(split, image_size, _EXTRACT_BATCH, training=False,
                                    input_context=context, cache="none")
     start = time.perf_counter()
@@ -75,11 +80,10 @@ def extract(model: keras.Model, split: pipeline.Split, image_size: int,
     for batch, batch_labels in images:
         features.append(forward(batch).numpy())
         labels.append(batch_labels.numpy())
-    features, labels = np.concatenate(features), np.concatenate(labels)
-    logging.info("Feature cache: %d %s images in %.1f s (%.0f images/s).", len(labels),
-                 split.name, time.perf_counter() - start,
-                 len(labels) / max(time.perf_counter() - start, 1e-9))
-    return features, labels
+    seconds = time.perf_counter() - start
+    logging.info("Feature cache: %d %s images in %.1f s (%.0f images/s).", sum(map(len, labels)),
+                 split.name, seconds, sum(map(len, labels)) / max(seconds, 1e-9))
+    return np.concatenate(features), np.concatenate(labels)
 
 
 def distribute(strategy: tf.distribute.Strategy, features: np.ndarray, labels: np.ndarray,

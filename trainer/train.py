@@ -154,11 +154,11 @@ def _distribute(strategy, split, config, training):
 def _cached_features_fit(model, strategy, info, data, config, global_batch):
     """(head model, train features, validation features) for phase 1."""
     context = features.input_context(info, strategy)
-    datasets = []
-    for name, training in (("train", True), ("validation", False)):
-        vectors, labels = features.extract(model, data.splits[name], config.image_size, context)
-        datasets.append(features.distribute(strategy, vectors, labels, global_batch,
-                                            training, config.seed, context))
+    extracted = features.extract(
+        model, [data.splits["train"], data.splits["validation"]], config.image_size, context)
+    datasets = [features.distribute(strategy, vectors, labels, global_batch, training,
+                                    config.seed, context)
+                for (vectors, labels), training in zip(extracted, (True, False))]
     with strategy.scope():
         head = features.head_model(model)
     return (head, *datasets)
