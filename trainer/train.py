@@ -129,9 +129,11 @@ def _validation_steps(count: int, global_batch: int) -> int:
 
     Keras needs a step count for distributed datasets, and does not restart
     their iterators between epochs, so validation datasets repeat and each
-    epoch takes exactly one pass. Every worker runs the same number of steps
-    (each step all-reduces); a worker whose share is smaller feeds empty
-    batches (tf.distribute's partial-batch handling).
+    epoch takes one pass. Every worker runs the same number of steps (each
+    step all-reduces): a worker whose share is smaller wraps into its next
+    pass, so under MultiWorkerMirroredStrategy a few images can count twice
+    in an epoch's validation. The final metrics are exact: they come from the
+    exported model on the chief.
     """
     return max(1, math.ceil(count / global_batch))
 
