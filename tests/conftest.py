@@ -58,6 +58,13 @@ def tiny_config(data_dir, job_dir, **overrides):
     return config
 
 
+def optimizer_iterations(backup_dir):
+    """The optimizer's iteration count in a phase's latest backup (the chief's)."""
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(f"{backup_dir}/chief"))
+    key = next(k for k in reader.get_variable_to_shape_map() if "optimizer/_iterations" in k)
+    return int(reader.get_tensor(key))
+
+
 @pytest.fixture
 def make_config(tmp_path):
     """Factory of tiny_config()s, by default in this test's tmp_path/job."""

@@ -22,6 +22,7 @@ import time
 import pytest
 import tensorflow as tf
 
+from conftest import optimizer_iterations
 from workers import Job
 
 STEPS = 6  # Per epoch: 24 train images, global batch 4.
@@ -65,11 +66,7 @@ def _first_step_after(worker, phase, step, start=0):
 
 
 def _iterations(job_dir, phase):
-    """The optimizer's iteration count in the phase's backup (the chief's)."""
-    reader = tf.train.load_checkpoint(
-        tf.train.latest_checkpoint(f"{job_dir}/checkpoints/phase{phase}/chief"))
-    key = next(k for k in reader.get_variable_to_shape_map() if "optimizer/_iterations" in k)
-    return int(reader.get_tensor(key))
+    return optimizer_iterations(f"{job_dir}/checkpoints/phase{phase}")
 
 
 def _record(fault, outcome, redone, seconds):

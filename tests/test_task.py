@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
-import tensorflow as tf
 
 from absl import flags
 
+from conftest import optimizer_iterations
 from trainer import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,12 +114,6 @@ def _run_until(args, marker):
     return "".join(lines)
 
 
-def _optimizer_iterations(backup_dir):
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(f"{backup_dir}/chief"))
-    key = next(k for k in reader.get_variable_to_shape_map() if "optimizer/_iterations" in k)
-    return int(reader.get_tensor(key))
-
-
 def test_killed_job_resumes_in_each_phase(binary_dir, tmp_path):
     """kill -9 in phase 1, then in phase 2: each restart continues the epoch count."""
     job_dir = tmp_path / "job"
@@ -134,6 +128,6 @@ def test_killed_job_resumes_in_each_phase(binary_dir, tmp_path):
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert "Epoch 4/5" not in final.stdout and "Epoch 5/5" in final.stdout
     steps = 6  # 24 train images / batch 4.
-    assert _optimizer_iterations(f"{job_dir}/checkpoints/phase1") == 3 * steps
-    assert _optimizer_iterations(f"{job_dir}/checkpoints/phase2") == 2 * steps
+    assert optimizer_iterations(f"{job_dir}/checkpoints/phase1") == 3 * steps
+    assert optimizer_iterations(f"{job_dir}/checkpoints/phase2") == 2 * steps
     assert (job_dir / "model" / "saved_model.pb").exists()

@@ -8,7 +8,7 @@ import tensorflow as tf
 import tf_keras as keras
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import tiny_config
+from conftest import optimizer_iterations, tiny_config
 from trainer import cluster
 from trainer import export
 from trainer import model as model_lib
@@ -90,19 +90,12 @@ def test_metrics_json_matches_evaluating_the_exported_model(finished_run, binary
 def test_rerunning_a_finished_job_resumes_to_export(finished_run):
     """Both phases restore as finished: no further training steps run."""
     config, _ = finished_run
-    before = _optimizer_iterations(f"{config.checkpoint_dir}/phase2")
+    before = optimizer_iterations(f"{config.checkpoint_dir}/phase2")
     train.train_and_evaluate(config, tf.distribute.get_strategy())
-    assert _optimizer_iterations(f"{config.checkpoint_dir}/phase2") == before
+    assert optimizer_iterations(f"{config.checkpoint_dir}/phase2") == before
     assert tf.io.gfile.exists(f"{config.model_dir}/saved_model.pb")
     assert not tf.io.gfile.exists(f"{config.model_dir}.partial")
     assert not tf.io.gfile.exists(f"{config.model_dir}.previous")
-
-
-def _optimizer_iterations(backup_dir):
-    path = tf.train.latest_checkpoint(f"{backup_dir}/chief")
-    reader = tf.train.load_checkpoint(path)
-    keys = [k for k in reader.get_variable_to_shape_map() if "optimizer/_iterations" in k]
-    return int(reader.get_tensor(keys[0]))
 
 
 def test_batchnorm_statistics_never_change(binary_dir, tmp_path):
