@@ -30,6 +30,7 @@ class EpochExtras(keras.callbacks.Callback):
         self._global_batch_size = global_batch_size
         self._start = 0.0
         self._steps = 0
+        self._train_seconds = None  # Set when validation starts, before epoch end.
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -45,7 +46,7 @@ class EpochExtras(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        seconds = getattr(self, "_train_seconds", None) or (time.perf_counter() - self._start)
+        seconds = self._train_seconds or (time.perf_counter() - self._start)
         self._train_seconds = None
         logs["learning_rate"] = _current_learning_rate(self.model.optimizer)
         logs["phase"] = float(self._phase)
