@@ -204,6 +204,41 @@ def test_decoded_record_matches_pillow_within_jpeg_tolerance(messy_dir, prepared
         assert difference.max() <= max_tolerance, (source, difference.max())
 
 
+def _jpeg_bytes(pixels):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_averages_pixels():
+    assert [int(pipeline.jpeg_scale(h, w, 64)) for h, w in
+            [(63, 500), (64, 64), (127, 900), (128, 130), (256, 300), (512, 768), (4000, 3000)]
+            ] == [0, 0, 0, 1, 2, 3, 3]
+    # Two-pixel stripes, 12x larger than the output: a full decode with
+    # bilinear resizing samples stripes, a 1/8-scale decode averages them.
+    x = np.arange(768)[np.newaxis, :].repeat(512, axis=0)
+    stripes = np.where((x // 2) % 2 == 0, 230, 30).astype(np.uint8)
+    pixels = np.stack([stripes, stripes, np.full_like(stripes, 128)], axis=-1)
+    encoded = tf.constant(_jpeg_bytes(pixels))
+    area_average = np.asarray(Image.fromarray(pixels).resize((64, 64), Image.BOX), np.float32)
+    ours = pipeline.decode_and_resize(encoded, 64).numpy()
+    full_bilinear = tf.image.resize(tf.io.decode_jpeg(encoded, channels=3), [64, 64]).numpy()
+    assert ours.shape == (64, 64, 3)
+    assert np.abs(ours - area_average).mean() < 1.5
+    assert np.abs(full_bilinear - area_average).mean() > 4
+
+
+def test_small_jpegs_and_other_formats_decode_at_full_scale():
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, "PNG")
+    for encoded in (_jpeg_bytes(pixels), png.getvalue()):
+        decoded = tf.io.decode_image(encoded, channels=3)
+        expected = tf.image.resize(decoded, [32, 32]).numpy()
+        np.testing.assert_allclose(pipeline.decode_and_resize(tf.constant(encoded), 32).numpy(),
+                                   expected, atol=1e-3)
+
+
 def test_preprocessing_is_the_same_eagerly_and_inside_tf_data(prepared):
     output_dir, _ = prepared
     info = pipeline.describe(output_dir)
@@ -216,7 +251,7 @@ def test_preprocessing_is_the_same_eagerly_and_inside_tf_data(prepared):
              for r in tf.data.TFRecordDataset([shard])]
     assert len(in_tf_data) == len(eager) > 0
     for a, b in zip(in_tf_data, eager):
-        np.testing.assert_array_equal(a, b.astype(np.float32))
+        np.testing.assert_array_equal(a, b)
 
 
 # -------------------------------------------------------------------- Manifest

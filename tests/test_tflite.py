@@ -17,7 +17,7 @@ def _test_images(data_dir, image_size):
     info = pipeline.describe(data_dir)
     dataset = pipeline.make_dataset(info.splits["test"], image_size, 64, training=False,
                                     cache="none")
-    return np.concatenate([images.numpy() for images, _ in dataset])
+    return np.concatenate([images.numpy() for images, _ in dataset]).astype(np.float32)
 
 
 def _saved_model_probabilities(model_dir, images):

@@ -48,7 +48,8 @@ def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
     dataset = pipeline.make_dataset(split, image_size, batch_size, training=False, cache="none")
     probabilities, labels = [], []
     for images, batch_labels in dataset:
-        probabilities.append(serve(images=images)["probabilities"].numpy())
+        probabilities.append(
+            serve(images=tf.cast(images, tf.float32))["probabilities"].numpy())
         labels.append(batch_labels.numpy())
     return np.concatenate(probabilities), np.concatenate(labels)
 
@@ -206,7 +207,8 @@ def sample_predictions(model_dir: str, split: pipeline.Split, image_size: int, c
             break
     images = np.stack(images)
     serve = tf.saved_model.load(model_dir).signatures["serving_images"]
-    return images, np.asarray(labels), serve(images=tf.constant(images))["probabilities"].numpy()
+    probabilities = serve(images=tf.constant(images, tf.float32))["probabilities"].numpy()
+    return images, np.asarray(labels), probabilities
 
 
 def write_metrics(metrics: Dict, path: str) -> None:

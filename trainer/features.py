@@ -68,7 +68,7 @@ def extract(model: keras.Model, splits: Sequence[pipeline.Split], image_size: in
     """
     pooled = keras.Model(model.input, model.get_layer(model_lib.POOL_LAYER).output)
     forward = tf.function(lambda images: pooled(images, training=False), input_signature=[
-        tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
+        tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
     return [_extract_split(forward, split, image_size, context) for split in splits]
 
 

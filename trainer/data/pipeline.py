@@ -8,19 +8,23 @@ Two sources share one pipeline:
   format for large data and Cloud Storage.
 
 The order, as one function reads it: list files -> shard per input pipeline
-(one per worker, by whole files) -> interleave parallel reads -> parse,
-decode and resize in parallel -> cache (decoded, resized uint8 images) ->
-shuffle + repeat (train only) -> batch -> prefetch. Paths go through
+(one per worker, by whole files) -> interleave parallel reads -> parse in
+batches -> decode and resize in parallel -> cache (decoded, resized uint8
+images) -> shuffle + repeat (train only) -> batch -> prefetch. Batches stay
+uint8: a quarter of float32's bytes to copy and to send to the accelerator;
+the model casts them to float32 on the device (a Keras functional model casts
+its inputs to its Input's dtype). Paths go through
 ``tf.io.gfile`` and ``tf.data``, so local and gs:// folders take the same
 code.
 
-By default parallel stages may hand elements on out of order (tf.data's
-``deterministic=False``), so one slow read -- a Cloud Storage request taking
-its time -- does not stall the others. ``deterministic=True`` with a seed
-gives the same elements in the same order on every run.
+Parallel stages keep their order by default (``deterministic=True``): with
+a seed, every run yields the same elements in the same order. Measured in
+benchmarks/input_pipeline.py, letting them hand on whichever element is ready
+first was no faster, locally or from gs://, so it is an option only.
 """
 
 import dataclasses
+import functools
 import random
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -31,6 +35,7 @@ from trainer.data import records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 SPLITS = ("train", "validation", "test")
+_PARSE_BATCH = 128  # Records parsed at once.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +154,36 @@ def _describe_records(root: str) -> DatasetInfo:
 def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP bytes -> float32 [size, size, 3] in [0, 255].
 
-    The same function serves the exported model, so training and serving see
+    A JPEG is decoded at the smallest of libjpeg's scales (1, 1/2, 1/4, 1/8)
+    that keeps both sides at least ``image_size`` (see ``jpeg_scale``), then
+    resized: scaled decoding skips most of the inverse DCT, and it averages
+    pixels, where bilinear resizing over a large ratio would skip them. The
+    same function serves the exported model, so training and serving see
     identically decoded and resized pixels.
     """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = tf.cond(tf.io.is_jpeg(encoded),
+                    lambda: _decode_jpeg_scaled(encoded, image_size),
+                    lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
     image.set_shape([None, None, 3])
     return tf.image.resize(image, [image_size, image_size])
+
+
+JPEG_SCALES = (1, 2, 4, 8)  # libjpeg decodes at 1/1, 1/2, 1/4 and 1/8 of full size.
+
+
+def jpeg_scale(height: tf.Tensor, width: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Index into JPEG_SCALES of the largest scale-down keeping both sides >= image_size."""
+    short_side = tf.minimum(height, width)
+    return tf.add_n([tf.cast(short_side >= image_size * ratio, tf.int32)
+                     for ratio in JPEG_SCALES[1:]])
+
+
+def _decode_jpeg_scaled(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    shape = tf.image.extract_jpeg_shape(encoded)  # Reads the header only.
+    index = jpeg_scale(shape[0], shape[1], image_size)
+    return tf.switch_case(index, [
+        functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=ratio)
+        for ratio in JPEG_SCALES])
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -200,11 +229,9 @@ def _read_examples(split: Split, image_size: int,
     if split.is_records:
         ds = _read_records(split.shards, num_pipelines, index)
 
-        def parse_and_preprocess(serialized):
-            encoded, label = records.parse_example(serialized)
-            return preprocess_image(encoded, image_size), label
-
-        return ds.map(parse_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(_PARSE_BATCH).map(records.parse_examples).unbatch()
+        return ds.map(lambda encoded, label: (preprocess_image(encoded, image_size), label),
+                      num_parallel_calls=tf.data.AUTOTUNE)
     ds = tf.data.Dataset.from_tensor_slices((list(split.paths), list(split.labels)))
     ds = ds.shard(num_pipelines, index)
     return ds.map(lambda path, label: (preprocess_image(tf.io.read_file(path), image_size), label),
@@ -214,10 +241,14 @@ def _read_examples(split: Split, image_size: int,
 def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
                  input_context: Optional[tf.distribute.InputContext] = None,
                  cache: str = "memory", shuffle_buffer: int = 10000,
-                 seed: Optional[int] = None, deterministic: bool = False,
+                 seed: Optional[int] = None, deterministic: bool = True,
                  repeat: bool = False,
                  augment: Optional[Callable] = None) -> tf.data.Dataset:
-    """Batches of (float32 images in [0, 255], int32 labels) for one pipeline.
+    """Batches of (uint8 images, int32 labels) for one pipeline.
+
+    Images come as uint8 [batch, size, size, 3]; Keras models cast them to
+    float32 in their first step. With ``augment``, they come as float32 in
+    [0, 255] (augmentation works on floats).
 
     Args:
       split: what to read.
@@ -237,8 +268,7 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
       seed: shuffle seed.
       deterministic: keep every parallel stage in order, so that with a
         ``seed`` each run yields the same elements in the same order; off,
-        stages may hand on whichever element is ready first (faster when
-        reads vary in latency).
+        stages may hand on whichever element is ready first.
     """
     ds = _read_examples(split, image_size, input_context)
     if cache == "memory":
@@ -251,10 +281,9 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
     ds = ds.batch(batch_size, drop_remainder=training)
     if repeat and not training:
         ds = ds.repeat()  # Whole passes: batches never straddle two passes.
-    ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels),
-                num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
-        ds = ds.map(lambda images, labels: (augment(images, training=True), labels),
+        ds = ds.map(lambda images, labels: (augment(tf.cast(images, tf.float32), training=True),
+                                            labels),
                     num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic

@@ -102,6 +102,15 @@ def parse_example(serialized: tf.Tensor):
     return parsed[ENCODED], tf.cast(parsed[LABEL], tf.int32)
 
 
+def parse_examples(serialized: tf.Tensor):
+    """A batch of serialized Examples -> (encoded image bytes [n], int32 labels [n]).
+
+    Parsing a batch at once costs less per record than one at a time.
+    """
+    parsed = tf.io.parse_example(serialized, _FEATURES)
+    return parsed[ENCODED], tf.cast(parsed[LABEL], tf.int32)
+
+
 def parse_all(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
     """Serialized Example -> every field of the schema, by feature name."""
     return tf.io.parse_single_example(serialized, ALL_FEATURES)
