@@ -1,4 +1,4 @@
-"""Speed options at tiny size: the phase-1 feature cache, mixed precision, XLA."""
+"""Speed options at tiny size: the frozen backbone's caches, mixed precision, XLA."""
 
 import numpy as np
 import pytest
@@ -17,7 +17,9 @@ def test_cached_features_equal_the_backbone_forward_pass(shapes_dir):
     model = model_lib.create_model("mobilenet_v2", 3, 32, 0.2, weights=None, seed=0)
     split = pipeline.describe(shapes_dir).splits["train"]
     context = tf.distribute.InputContext(1, 0, 1)
-    [(vectors, labels)] = features.extract(model, [split], 32, context)
+    pooled = features.pooled_model(model)
+    [((vectors,), labels)] = features.extract(lambda x: pooled(x, training=False), [split], 32,
+                                              context)
     assert vectors.shape == (split.count, 1280)
     assert sorted(labels.tolist()) == sorted(split.labels)
 
@@ -25,6 +27,65 @@ def test_cached_features_equal_the_backbone_forward_pass(shapes_dir):
     images = pipeline.make_dataset(split, 32, 64, training=False, cache="none")
     direct = np.concatenate([pooled(x, training=False).numpy() for x, _ in images])
     np.testing.assert_allclose(vectors, direct, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", sorted(model_lib.BACKBONES))
+def test_prefix_and_rest_of_the_cut_compose_to_the_full_model_and_share_its_layers(backbone):
+    spec = model_lib.BACKBONES[backbone]
+    model = model_lib.create_model(backbone, 3, 32, 0.2, weights=None, seed=0)
+    prefix, rest, _ = features.cut_at_frontier(model, spec.fine_tune_at)
+    images = tf.random.stateless_uniform([2, 32, 32, 3], [1, 2], 0, 255)
+    np.testing.assert_allclose(rest(prefix(images), training=False).numpy(),
+                               model(images, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    model_lib.set_trainable_for_phase(model, 2, spec.fine_tune_at)
+    assert ({id(w) for w in rest.trainable_weights} == {id(w) for w in model.trainable_weights})
+    assert features.frontier_bytes(prefix, 10) == 10 * sum(
+        int(np.prod(t.shape[1:])) * 4 for t in tf.nest.flatten(prefix(images)))
+
+
+def test_fine_tune_cache_over_its_memory_limit_falls_back_to_images(shapes_dir):
+    model = model_lib.create_model("mobilenet_v2", 3, 32, 0.2, weights=None, seed=0)
+    splits = [pipeline.describe(shapes_dir).splits[name] for name in ("train", "validation")]
+
+    def frozen_work(max_bytes):
+        return features.FrozenWork(model, splits, tf.distribute.get_strategy(),
+                                   cluster.ClusterInfo(), 4, 0, 100, True, flip, max_bytes)
+
+    prefix = features.cut_at_frontier(model, 100).prefix
+    for flip, count in [(False, splits[0].count + splits[1].count),
+                        (True, 2 * splits[0].count + splits[1].count)]:
+        needed = features.frontier_bytes(prefix, count)
+        assert frozen_work(needed).fine_tune
+        assert not frozen_work(needed - 1).fine_tune
+
+
+def test_cached_frontier_gives_the_pooled_features_of_images(shapes_dir):
+    model = model_lib.create_model("mobilenet_v2", 3, 32, 0.2, weights=None, seed=0)
+    split = pipeline.describe(shapes_dir).splits["validation"]
+    context = tf.distribute.InputContext(1, 0, 1)
+    cut = features.cut_at_frontier(model, 100)
+    [(frontier, labels)] = features.extract(lambda x: cut.prefix(x, training=False), [split], 32,
+                                            context)
+    assert len(frontier) == 2 and len(frontier[0]) == len(labels) == split.count
+    pooled_via_frontier = cut.pooled(list(frontier), training=False).numpy()
+    pooled = features.pooled_model(model)
+    [((direct,), direct_labels)] = features.extract(lambda x: pooled(x, training=False), [split],
+                                                    32, context)
+    np.testing.assert_array_equal(labels, direct_labels)
+    np.testing.assert_allclose(pooled_via_frontier, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_flipped_view_is_taken_half_the_time(shapes_dir):
+    arrays = (np.zeros([64, 2], np.float32),)
+    flipped = (np.ones([64, 2], np.float32),)
+    labels = np.zeros([64], np.int32)
+    strategy = tf.distribute.get_strategy()
+    dataset = features.distribute(strategy, (arrays, labels), 64, True, 0,
+                                  tf.distribute.InputContext(1, 0, 1), flipped)
+    batches = iter(dataset)
+    taken = np.concatenate([next(batches)[0].numpy()[:, 0] for _ in range(20)])
+    assert set(taken) == {0.0, 1.0}
+    assert 0.4 < taken.mean() < 0.6
 
 
 def test_head_trains_the_full_models_logit_layer():

@@ -84,6 +84,8 @@ class Config:
     early_stopping_patience: int = 0
     export_tflite: bool = False
     feature_cache: bool = True
+    fine_tune_cache: bool = True
+    fine_tune_cache_max_gb: float = 4.0
     mixed_precision: str = "none"
     jit_compile: bool = False
     max_restarts: int = 3
@@ -200,6 +202,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "Phase 1 computes the frozen backbone's pooled features once per image "
         "and trains the head on them (no augmentation in phase 1); false runs "
         "the backbone every phase-1 step as the tutorial does.", **fv)
+    flags.DEFINE_bool(
+        "fine_tune_cache", True,
+        "Phase 2 computes, once per image, the activations that the unfrozen "
+        "layers read from the frozen ones below --fine_tune_at, and trains on "
+        "them (no augmentation in phase 2); false runs the whole backbone every "
+        "phase-2 step on augmented images.", **fv)
+    flags.DEFINE_float(
+        "fine_tune_cache_max_gb", 4.0,
+        "Largest --fine_tune_cache per worker, in GB of memory; a larger one "
+        "falls back to images (logged).", **fv)
     flags.DEFINE_enum(
         "mixed_precision", "none", MIXED_PRECISION_POLICIES,
         "Keras mixed-precision policy: mixed_float16 for GPUs, mixed_bfloat16 "
@@ -319,6 +331,7 @@ def validate(config: Config, check_paths: bool = True) -> None:
         ("label_smoothing", 0.0 <= config.label_smoothing < 1.0, "must be in [0, 1)"),
         ("early_stopping_patience", config.early_stopping_patience >= 0,
          "must be 0 or more (0: off)"),
+        ("fine_tune_cache_max_gb", config.fine_tune_cache_max_gb >= 0, "must be 0 or more"),
         ("max_restarts", config.max_restarts >= 0, "must be 0 or more"),
         ("restart_wait_seconds", config.restart_wait_seconds >= 0, "must be 0 or more"),
         ("job_dir", bool(config.job_dir), "must not be empty"),

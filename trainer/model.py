@@ -19,6 +19,7 @@ BACKBONE_LAYER = "backbone"
 LOGITS_LAYER = "logits"
 POOL_LAYER = "pool"
 DROPOUT_LAYER = "dropout"
+RESCALE_LAYER = "rescale"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ def create_model(backbone: str, num_classes: int, image_size: int, dropout: floa
     if augment:
         x = augmentation(seed)(x)
     if spec.rescale:
-        x = keras.layers.Rescaling(*spec.rescale, name="rescale")(x)
+        x = keras.layers.Rescaling(*spec.rescale, name=RESCALE_LAYER)(x)
     x = base(x, training=False)  # BatchNorm stays in inference mode in both phases.
     x = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
     x = keras.layers.Dropout(dropout, name=DROPOUT_LAYER)(x)

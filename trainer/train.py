@@ -93,10 +93,17 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
 
     # -------------------------------------------------------------- Phases
     history: Dict[str, list] = {}
+    frozen = features.FrozenWork(
+        model, [train_split, data.splits["validation"]], strategy, info, global_batch,
+        config.seed, config.fine_tune_at,
+        config.fine_tune_cache and config.fine_tune_epochs > 0, config.augment,
+        config.fine_tune_cache_max_gb * 1e9)
     for phase in phases(config):
         model_lib.set_trainable_for_phase(model, phase.number, config.fine_tune_at)
         if phase.number == 1 and config.feature_cache:
-            fit = _cached_features_fit(model, strategy, info, data, config, global_batch)
+            fit = frozen.phase_one()
+        elif phase.number == 2 and frozen.fine_tune:
+            fit = frozen.phase_two()
         else:
             fit = (model, train_data, validation_data)
         result = _run_phase(*fit, phase, config, strategy, info, data.num_classes,
@@ -151,19 +158,6 @@ def _distribute(strategy, split, config, training):
             shuffle_buffer=config.shuffle_buffer, seed=config.seed, repeat=True,
             augment=augment)
     return strategy.distribute_datasets_from_function(dataset_fn)
-
-
-def _cached_features_fit(model, strategy, info, data, config, global_batch):
-    """(head model, train features, validation features) for phase 1."""
-    context = features.input_context(info, strategy)
-    extracted = features.extract(
-        model, [data.splits["train"], data.splits["validation"]], config.image_size, context)
-    datasets = [features.distribute(strategy, vectors, labels, global_batch, training,
-                                    config.seed, context)
-                for (vectors, labels), training in zip(extracted, (True, False))]
-    with strategy.scope():
-        head = features.head_model(model)
-    return (head, *datasets)
 
 
 def _run_phase(model, train_data, validation_data, phase: Phase, config, strategy, info,
