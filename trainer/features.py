@@ -24,6 +24,7 @@ either view) but loses its random rotation. Measured on the tutorial's
 cats-vs-dogs data in benchmarks/recipe.py.
 """
 
+import functools
 import time
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -134,27 +135,34 @@ def extract(forward: Callable[[tf.Tensor], object], splits: Sequence[pipeline.Sp
 
     ``forward`` maps a uint8 image batch to a tensor or a list of tensors. It
     runs locally on each worker (no collective ops): reading a mirrored
-    variable outside a replica context reads this worker's copy. One traced
-    function (any batch size) serves every split.
+    variable outside a replica context reads this worker's copy. The splits
+    stream through one traced function in one pass, so reading the next split
+    overlaps the end of the last.
     """
     traced = tf.function(forward, input_signature=[
         tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
-    return [_extract_split(traced, split, image_size, context) for split in splits]
-
-
-def _extract_split(forward, split, image_size, context) -> Cached:
-    images = pipeline.make_dataset(split, image_size, _EXTRACT_BATCH, training=False,
-                                   input_context=context, cache="none")
+    tagged = [pipeline.make_dataset(split, image_size, _EXTRACT_BATCH, training=False,
+                                    input_context=context, cache="none").map(
+                  functools.partial(_tag, index=index))
+              for index, split in enumerate(splits)]
+    images = functools.reduce(tf.data.Dataset.concatenate, tagged)
     start = time.perf_counter()
-    outputs, labels = [], []
-    for batch, batch_labels in images:
-        outputs.append([t.numpy() for t in tf.nest.flatten(forward(batch))])
-        labels.append(batch_labels.numpy())
+    outputs, labels = [[] for _ in splits], [[] for _ in splits]
+    for batch, batch_labels, index in images:
+        outputs[int(index)].append([t.numpy() for t in tf.nest.flatten(traced(batch))])
+        labels[int(index)].append(batch_labels.numpy())
     seconds = time.perf_counter() - start
-    count = sum(map(len, labels))
-    logging.info("Cached the frozen backbone's work for %d %s images in %.1f s (%.0f images/s).",
-                 count, split.name, seconds, count / max(seconds, 1e-9))
-    return tuple(np.concatenate(parts) for parts in zip(*outputs)), np.concatenate(labels)
+    count = sum(len(y) for split_labels in labels for y in split_labels)
+    logging.info("Cached the frozen backbone's work for %d images of %s in %.1f s "
+                 "(%.0f images/s).", count, "+".join(s.name for s in splits), seconds,
+                 count / max(seconds, 1e-9))
+    return [(tuple(np.concatenate(parts) for parts in zip(*split_outputs)),
+             np.concatenate(split_labels))
+            for split_outputs, split_labels in zip(outputs, labels)]
+
+
+def _tag(images, labels, index):
+    return images, labels, index
 
 
 def distribute(strategy: tf.distribute.Strategy, cached: Cached,
