@@ -94,3 +94,14 @@ def test_training_job_reads_and_writes_gcs(gcs_records, gcs_dir, make_config):
     assert not [n for n in names if n.startswith(("model.partial/", "model.previous/"))]
     served = tf.saved_model.load(f"{job_dir}/model").signatures["serving_images"]
     assert served(images=tf.zeros([1, 32, 32, 3]))["probabilities"].shape == (1, 2)
+
+
+def test_gs_weights_are_read_from_a_local_copy_that_is_removed_after(gcs, tmp_path):
+    source = tmp_path / "weights.h5"
+    source.write_bytes(b"not really h5")
+    _client().bucket("test-bucket").blob("weights/backbone.h5").upload_from_filename(str(source))
+    with train._local_weights("gs://test-bucket/weights/backbone.h5") as local:
+        assert not local.startswith("gs://")
+        with open(local, "rb") as f:
+            assert f.read() == b"not really h5"
+    assert not os.path.exists(local) and not os.path.exists(os.path.dirname(local))

@@ -10,11 +10,12 @@ finished phase restores as finished. Only the chief writes summaries, the
 config, the model and the metrics; other workers write to scratch folders.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import tensorflow as tf
 import tf_keras as keras
@@ -79,11 +80,10 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
                  list(data.class_names), train_split.count, steps_per_epoch, global_batch)
 
     # ------------------------------------------------------ Model and outputs
-    weights = _local_weights(config.weights)
-    if weights is None and config.epochs:
+    if config.weights == "none" and config.epochs:
         logging.warning("--weights=none: phase 1 trains a head on random, frozen "
                         "features; expect chance accuracy unless phase 2 trains the backbone.")
-    with strategy.scope():
+    with _local_weights(config.weights) as weights, strategy.scope():
         model = model_lib.create_model(
             config.backbone, data.num_classes, config.image_size, config.dropout,
             weights=weights, augment=config.augment and not config.jit_compile,
@@ -197,12 +197,19 @@ def _run_phase(model, train_data, validation_data, phase: Phase, config, strateg
                      callbacks=callbacks, verbose=2)
 
 
-def _local_weights(weights: str) -> Optional[str]:
-    """'imagenet', None, or a local copy of a weights file (h5py cannot read gs://)."""
+@contextlib.contextmanager
+def _local_weights(weights: str) -> Iterator[Optional[str]]:
+    """'imagenet', None, or a local path of a weights file, for the ``with`` block.
+
+    h5py cannot read gs://, so a gs:// file is copied to a temporary folder,
+    removed when the block ends.
+    """
     if weights == "none":
-        return None
-    if weights == "imagenet" or not weights.startswith("gs://"):
-        return weights
-    local = os.path.join(tempfile.mkdtemp(prefix="weights_"), os.path.basename(weights))
-    tf.io.gfile.copy(weights, local, overwrite=True)
-    return local
+        yield None
+    elif weights == "imagenet" or not weights.startswith("gs://"):
+        yield weights
+    else:
+        with tempfile.TemporaryDirectory(prefix="weights_") as folder:
+            local = os.path.join(folder, os.path.basename(weights))
+            tf.io.gfile.copy(weights, local, overwrite=True)
+            yield local
