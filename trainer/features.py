@@ -126,12 +126,19 @@ def pooled_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, model.get_layer(model_lib.POOL_LAYER).output)
 
 
-Cached = Tuple[Tuple[np.ndarray, ...], np.ndarray]  # (outputs, labels) of one split
+Cached = Tuple[Tuple[tf.Tensor, ...], np.ndarray]  # (outputs, labels) of one split
+Pieces = Tuple[Tuple[List[tf.Tensor], ...], np.ndarray]  # the same, batch by batch
 
 
 def extract(forward: Callable[[tf.Tensor], object], splits: Sequence[pipeline.Split],
             image_size: int, context: tf.distribute.InputContext) -> List[Cached]:
-    """``forward``'s outputs and the labels of this worker's share of each split.
+    """``forward``'s outputs and the labels of this worker's share of each split."""
+    return [joined(pieces) for pieces in extract_pieces(forward, splits, image_size, context)]
+
+
+def extract_pieces(forward: Callable[[tf.Tensor], object], splits: Sequence[pipeline.Split],
+                   image_size: int, context: tf.distribute.InputContext) -> List[Pieces]:
+    """Like ``extract``, with each output left as its list of batches (see ``joined``).
 
     ``forward`` maps a uint8 image batch to a tensor or a list of tensors. It
     runs locally on each worker (no collective ops): reading a mirrored
@@ -149,16 +156,25 @@ def extract(forward: Callable[[tf.Tensor], object], splits: Sequence[pipeline.Sp
     start = time.perf_counter()
     outputs, labels = [[] for _ in splits], [[] for _ in splits]
     for batch, batch_labels, index in images:
-        outputs[int(index)].append([t.numpy() for t in tf.nest.flatten(traced(batch))])
+        outputs[int(index)].append(tf.nest.flatten(traced(batch)))
         labels[int(index)].append(batch_labels.numpy())
     seconds = time.perf_counter() - start
     count = sum(len(y) for split_labels in labels for y in split_labels)
     logging.info("Cached the frozen backbone's work for %d images of %s in %.1f s "
                  "(%.0f images/s).", count, "+".join(s.name for s in splits), seconds,
                  count / max(seconds, 1e-9))
-    return [(tuple(np.concatenate(parts) for parts in zip(*split_outputs)),
-             np.concatenate(split_labels))
+    return [(tuple(map(list, zip(*split_outputs))), np.concatenate(split_labels))
             for split_outputs, split_labels in zip(outputs, labels)]
+
+
+def joined(pieces: Pieces) -> Cached:
+    """Each output's batches as one tensor: one copy, made when it is needed.
+
+    Large outputs (the frontier) are joined only when phase 2 starts, so
+    phase 1 does not wait for a copy it never reads.
+    """
+    parts, labels = pieces
+    return tuple(tf.concat(batches, axis=0) for batches in parts), labels
 
 
 def _tag(images, labels, index):
@@ -168,7 +184,7 @@ def _tag(images, labels, index):
 def distribute(strategy: tf.distribute.Strategy, cached: Cached,
                global_batch: int, training: bool, seed: int,
                context: tf.distribute.InputContext,
-               flipped: Optional[Tuple[np.ndarray, ...]] = None
+               flipped: Optional[Tuple[tf.Tensor, ...]] = None
                ) -> tf.distribute.DistributedDataset:
     """A distributed dataset over this worker's cached arrays.
 
@@ -232,8 +248,8 @@ class FrozenWork:
         self._global_batch, self._seed, self._flip = global_batch, seed, flip
         self._context = input_context(info, strategy)
         self._image_size = model.input_shape[1]
-        self._frontier: Optional[List[Cached]] = None
-        self._flipped: Optional[Tuple[np.ndarray, ...]] = None
+        self._frontier: Optional[List[Pieces]] = None
+        self._flipped: Optional[Pieces] = None
         self.fine_tune = False
         if fine_tune_cache and fine_tune_at > 0:
             with strategy.scope():
@@ -262,17 +278,17 @@ class FrozenWork:
             frontier = tf.nest.flatten(cut.prefix(images, training=False))
             return frontier + ([cut.pooled(frontier, training=False)] if with_pooled else [])
 
-        results = extract(forward, self._splits, self._image_size, self._context)
+        pieces = extract_pieces(forward, self._splits, self._image_size, self._context)
         n = len(cut.prefix.outputs)
-        self._frontier = [(arrays[:n], labels) for arrays, labels in results]
-        return [(arrays[n:], labels) for arrays, labels in results] if with_pooled else []
+        self._frontier = [(parts[:n], labels) for parts, labels in pieces]
+        return [joined((parts[n:], labels)) for parts, labels in pieces] if with_pooled else []
 
     def _extract_flipped(self) -> None:
         """Keeps the frontier of the horizontally flipped train images (phase 2 only)."""
-        [(self._flipped, labels)] = extract(
+        [self._flipped] = extract_pieces(
             lambda images: self._cut.prefix(tf.reverse(images, axis=[2]), training=False),
             self._splits[:1], self._image_size, self._context)
-        if not np.array_equal(labels, self._frontier[0][1]):
+        if not np.array_equal(self._flipped[1], self._frontier[0][1]):
             raise RuntimeError("The flipped train images came in another order.")
 
     def phase_one(self):
@@ -293,4 +309,7 @@ class FrozenWork:
             self._extract_frontier(with_pooled=False)
         if self._flip and self._flipped is None:
             self._extract_flipped()
-        return (self._cut.rest, *self._distribute(self._frontier, self._flipped))
+        frontier = [joined(pieces) for pieces in self._frontier]
+        flipped = joined(self._flipped)[0] if self._flipped else None
+        self._frontier = self._flipped = None  # The joined copies replace the batches.
+        return (self._cut.rest, *self._distribute(frontier, flipped))
