@@ -206,8 +206,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "fine_tune_cache", True,
         "Phase 2 computes, once per image, the activations that the unfrozen "
         "layers read from the frozen ones below --fine_tune_at, and trains on "
-        "them (no augmentation in phase 2); false runs the whole backbone every "
-        "phase-2 step on augmented images.", **fv)
+        "them (with --augment, of the image or its mirror image: random flips, "
+        "no rotation); false runs the whole backbone every phase-2 step on "
+        "augmented images.", **fv)
     flags.DEFINE_float(
         "fine_tune_cache_max_gb", 4.0,
         "Largest --fine_tune_cache per worker, in GB of memory; a larger one "
