@@ -117,8 +117,7 @@ def cut_at_frontier(model: keras.Model, fine_tune_at: int) -> Cut:
 
 def frontier_bytes(prefix: keras.Model, count: int) -> int:
     """Memory that ``count`` images' cached frontier activations take."""
-    shapes = [prefix.output_shape] if len(prefix.outputs) == 1 else prefix.output_shape
-    return count * sum(int(np.prod(shape[1:])) * 4 for shape in shapes)
+    return count * sum(int(np.prod(t.shape[1:])) * 4 for t in prefix.outputs)
 
 
 def pooled_model(model: keras.Model) -> keras.Model:
@@ -193,7 +192,6 @@ def distribute(strategy: tf.distribute.Strategy, cached: Cached,
     flip, exactly.
     """
     arrays, labels = cached
-    features = arrays[0] if len(arrays) == 1 else arrays
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         if ctx.input_pipeline_id != context.input_pipeline_id:
@@ -201,9 +199,9 @@ def distribute(strategy: tf.distribute.Strategy, cached: Cached,
                 f"Feature cache of input pipeline {context.input_pipeline_id} asked for "
                 f"pipeline {ctx.input_pipeline_id}.")
         if flipped is None:
-            ds = tf.data.Dataset.from_tensor_slices((features, labels))
+            ds = tf.data.Dataset.from_tensor_slices((_model_input(arrays), labels))
         else:
-            views = (features, flipped[0] if len(flipped) == 1 else flipped)
+            views = (_model_input(arrays), _model_input(flipped))
             ds = tf.data.Dataset.from_tensor_slices((views, labels))
         if training:
             ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
@@ -215,6 +213,11 @@ def distribute(strategy: tf.distribute.Strategy, cached: Cached,
         return ds.prefetch(tf.data.AUTOTUNE)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _model_input(arrays: Tuple[tf.Tensor, ...]):
+    """One array for a one-input model, the tuple for a model of several inputs."""
+    return arrays[0] if len(arrays) == 1 else arrays
 
 
 def _either_view(element, coin):

@@ -98,8 +98,7 @@ def make_example(encoded: bytes, image_format: str, label: int, class_name: str,
 
 def parse_example(serialized: tf.Tensor):
     """Serialized Example -> (encoded image bytes, int32 label)."""
-    parsed = tf.io.parse_single_example(serialized, _FEATURES)
-    return parsed[ENCODED], tf.cast(parsed[LABEL], tf.int32)
+    return _image_and_label(tf.io.parse_single_example(serialized, _FEATURES))
 
 
 def parse_examples(serialized: tf.Tensor):
@@ -107,7 +106,10 @@ def parse_examples(serialized: tf.Tensor):
 
     Parsing a batch at once costs less per record than one at a time.
     """
-    parsed = tf.io.parse_example(serialized, _FEATURES)
+    return _image_and_label(tf.io.parse_example(serialized, _FEATURES))
+
+
+def _image_and_label(parsed: Dict[str, tf.Tensor]):
     return parsed[ENCODED], tf.cast(parsed[LABEL], tf.int32)
 
 
