@@ -14,8 +14,10 @@ layers compute for an image never changes:
   frozen layers' forward pass (about 3/4 of MobileNetV2's) on every step.
 
 When both are on, the frozen layers run once per image for both phases: the
-pooled features come from the cached frontier. Each worker caches its own
-share of the train and validation images.
+pooled features come from the cached frontier. That pass runs a copy of the
+backbone with its BatchNorm folded into the convolutions (trainer/folding.py),
+which computes the same, faster. Each worker caches its own share of the train
+and validation images.
 
 The price: the cached images are not augmented. Phase 1 sees no
 augmentation; phase 2 keeps the recipe's random flip (with ``--augment``, the
@@ -34,6 +36,7 @@ import tf_keras as keras
 from absl import logging
 
 from trainer import cluster
+from trainer import folding
 from trainer import model as model_lib
 from trainer.data import pipeline
 
@@ -92,27 +95,38 @@ class Cut(NamedTuple):
     pooled: keras.Model  # frontier activations -> pooled features (rest without the head)
 
 
-def cut_at_frontier(model: keras.Model, fine_tune_at: int) -> Cut:
+def cut_at_frontier(model: keras.Model, fine_tune_at: int,
+                    frozen_base: Optional[keras.Model] = None) -> Cut:
     """Splits the classifier where the backbone's layers from ``fine_tune_at`` on begin.
 
     ``rest`` runs the backbone's layers from ``fine_tune_at`` on (in inference
-    mode, as in the full model), pooling, dropout and the logit layer. Build
-    it in the strategy's scope of ``model``.
+    mode, as in the full model), pooling, dropout and the logit layer: the
+    model's own layers, trained in phase 2. ``prefix`` and ``pooled`` are for
+    inference only; they run ``frozen_base``, a copy of the backbone that
+    computes the same (``folding.fold_batch_norm``'s), or else the backbone
+    itself. Build the cut in the strategy's scope of ``model``.
     """
     base = model_lib.get_backbone(model)
-    cut = frontier(base, fine_tune_at)
+    frozen = frozen_base or base
+    frozen_cut = frontier(frozen, fine_tune_at)
     inputs = keras.Input(model.input_shape[1:], name="image")
-    x = inputs
-    if model_lib.RESCALE_LAYER in [layer.name for layer in model.layers]:
-        x = model.get_layer(model_lib.RESCALE_LAYER)(x)
-    prefix = keras.Model(inputs, keras.Model(base.input, cut)(x, training=False), name="prefix")
+    prefix = keras.Model(inputs, keras.Model(frozen.input, frozen_cut)(
+        _rescaled(model, inputs), training=False), name="prefix")
 
-    rest_inputs = [keras.Input(t.shape[1:], name=f"frontier_{i}") for i, t in enumerate(cut)]
-    x = keras.Model(cut, base.output)(rest_inputs, training=False)
-    pooled = model.get_layer(model_lib.POOL_LAYER)(x)
-    x = model.get_layer(model_lib.DROPOUT_LAYER)(pooled)
+    rest_inputs = [keras.Input(t.shape[1:], name=f"frontier_{i}") for i, t in enumerate(frozen_cut)]
+    pool = model.get_layer(model_lib.POOL_LAYER)
+    x = pool(keras.Model(frontier(base, fine_tune_at), base.output)(rest_inputs, training=False))
+    x = model.get_layer(model_lib.DROPOUT_LAYER)(x)
     rest = keras.Model(rest_inputs, model.get_layer(model_lib.LOGITS_LAYER)(x), name="rest")
+    pooled = pool(keras.Model(frozen_cut, frozen.output)(rest_inputs, training=False))
     return Cut(prefix, rest, keras.Model(rest_inputs, pooled, name="pooled_from_frontier"))
+
+
+def _rescaled(model: keras.Model, images):
+    """``images`` through the model's rescaling layer, if it has one."""
+    if model_lib.RESCALE_LAYER in [layer.name for layer in model.layers]:
+        return model.get_layer(model_lib.RESCALE_LAYER)(images)
+    return images
 
 
 def frontier_bytes(prefix: keras.Model, count: int) -> int:
@@ -120,9 +134,17 @@ def frontier_bytes(prefix: keras.Model, count: int) -> int:
     return count * sum(int(np.prod(t.shape[1:])) * 4 for t in prefix.outputs)
 
 
-def pooled_model(model: keras.Model) -> keras.Model:
-    """images -> the backbone's pooled features, in inference mode."""
-    return keras.Model(model.input, model.get_layer(model_lib.POOL_LAYER).output)
+def pooled_model(model: keras.Model, frozen_base: Optional[keras.Model] = None) -> keras.Model:
+    """images -> the backbone's pooled features, in inference mode.
+
+    ``frozen_base``: a copy of the backbone that computes the same, run
+    instead of it (see ``cut_at_frontier``).
+    """
+    if frozen_base is None:
+        return keras.Model(model.input, model.get_layer(model_lib.POOL_LAYER).output)
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    x = frozen_base(_rescaled(model, inputs), training=False)
+    return keras.Model(inputs, model.get_layer(model_lib.POOL_LAYER)(x), name="pooled")
 
 
 Cached = Tuple[Tuple[tf.Tensor, ...], np.ndarray]  # (outputs, labels) of one split
@@ -255,8 +277,9 @@ class FrozenWork:
         self._flipped: Optional[Pieces] = None
         self.fine_tune = False
         if fine_tune_cache and fine_tune_at > 0:
+            frozen_base = self._frozen_base  # Made outside the strategy's scope.
             with strategy.scope():
-                self._cut = cut_at_frontier(model, fine_tune_at)
+                self._cut = cut_at_frontier(model, fine_tune_at, frozen_base)
             shares = [-(-s.count // self._context.num_input_pipelines) for s in self._splits]
             count = sum(shares) + (shares[0] if flip else 0)
             size = frontier_bytes(self._cut.prefix, count)
@@ -264,6 +287,17 @@ class FrozenWork:
             logging.info("Fine-tune cache: %.2f GB for %d images%s (limit %.2f GB): %s.",
                          size / 1e9, count, " and flipped train images" if flip else "",
                          max_bytes / 1e9, "on" if self.fine_tune else "off, phase 2 reads images")
+
+    @functools.cached_property
+    def _frozen_base(self) -> keras.Model:
+        """The backbone with BatchNorm folded, for the frozen layers' single pass.
+
+        Its weights are a copy made now; the layers it runs for the caches
+        never train (phase 1 trains none, phase 2 none below fine_tune_at).
+        Plain variables of this worker, outside the strategy: the pass runs
+        locally on each worker.
+        """
+        return folding.fold_batch_norm(model_lib.get_backbone(self._model))
 
     def _distribute(self, cached: List[Cached], flipped=None):
         train, validation = cached
@@ -299,7 +333,7 @@ class FrozenWork:
         if self.fine_tune:
             cached = self._extract_frontier(with_pooled=True)
         else:
-            pooled = pooled_model(self._model)
+            pooled = pooled_model(self._model, self._frozen_base)
             cached = extract(lambda images: pooled(images, training=False), self._splits,
                              self._image_size, self._context)
         with self._strategy.scope():
