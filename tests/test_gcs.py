@@ -7,6 +7,8 @@ google-cloud-storage, the second, independent client of the same emulator.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
@@ -105,3 +107,15 @@ def test_gs_weights_are_read_from_a_local_copy_that_is_removed_after(gcs, tmp_pa
         with open(local, "rb") as f:
             assert f.read() == b"not really h5"
     assert not os.path.exists(local) and not os.path.exists(os.path.dirname(local))
+
+
+@pytest.mark.parametrize("given, expected", [(None, "16"), ("64", "64")])
+def test_importing_the_trainer_sets_the_gs_read_block_size_unless_given(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "GCS_READ_CACHE_BLOCK_SIZE_MB"}
+    if given:
+        env["GCS_READ_CACHE_BLOCK_SIZE_MB"] = given
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import os, trainer; print(os.environ['GCS_READ_CACHE_BLOCK_SIZE_MB'])"],
+        env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
