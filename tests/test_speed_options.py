@@ -39,8 +39,24 @@ def test_prefix_and_rest_of_the_cut_compose_to_the_full_model_and_share_its_laye
                                model(images, training=False).numpy(), rtol=1e-5, atol=1e-5)
     model_lib.set_trainable_for_phase(model, 2, spec.fine_tune_at)
     assert ({id(w) for w in rest.trainable_weights} == {id(w) for w in model.trainable_weights})
-    assert features.frontier_bytes(prefix, 10) == 10 * sum(
-        int(np.prod(t.shape[1:])) * 4 for t in tf.nest.flatten(prefix(images)))
+    assert features.frontier_bytes(prefix, 2) == sum(
+        t.numpy().nbytes for t in tf.nest.flatten(prefix(images)))
+
+
+def test_frontier_bytes_count_what_is_cached_under_mixed_precision():
+    images = tf.random.stateless_uniform([2, 32, 32, 3], [1, 2], 0, 255)
+    counted = {}
+    try:
+        for policy in ("float32", "mixed_float16"):
+            keras.mixed_precision.set_global_policy(policy)
+            model = model_lib.create_model("mobilenet_v2", 3, 32, 0.2, weights=None, seed=0)
+            prefix = features.cut_at_frontier(model, 100).prefix
+            counted[policy] = features.frontier_bytes(prefix, 2)
+            assert counted[policy] == sum(t.numpy().nbytes
+                                          for t in tf.nest.flatten(prefix(images)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert counted["mixed_float16"] * 2 == counted["float32"]
 
 
 def test_fine_tune_cache_over_its_memory_limit_falls_back_to_images(shapes_dir):

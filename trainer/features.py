@@ -130,8 +130,10 @@ def _rescaled(model: keras.Model, images):
 
 
 def frontier_bytes(prefix: keras.Model, count: int) -> int:
-    """Memory that ``count`` images' cached frontier activations take."""
-    return count * sum(int(np.prod(t.shape[1:])) * 4 for t in prefix.outputs)
+    """Memory that ``count`` images' cached frontier activations take (float16 under
+    mixed precision, else float32)."""
+    return count * sum(int(np.prod(t.shape[1:])) * tf.as_dtype(t.dtype).size
+                       for t in prefix.outputs)
 
 
 def pooled_model(model: keras.Model, frozen_base: Optional[keras.Model] = None) -> keras.Model:
