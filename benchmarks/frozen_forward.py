@@ -27,6 +27,7 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
+from benchmarks import report
 from trainer import features
 from trainer import folding
 from trainer import model as model_lib
@@ -93,10 +94,6 @@ def main(argv):
 
 
 def _write(rounds, summary, command):
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.out_dir, "frozen_forward.json"), "w") as f:
-        json.dump({"command": command, "cores": os.cpu_count(), "rounds": rounds,
-                   "summary": summary}, f, indent=2)
     lines = ["# Frozen backbone forward pass: BatchNorm folded or not", "", "```", command,
              "```", "", f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, MobileNetV2 "
              f"{SIZE} px, batch {BATCH}, uint8 images in memory -> pooled features.", "",
@@ -114,8 +111,7 @@ def _write(rounds, summary, command):
               f"{summary['fold_seconds']:.2f} s. Largest feature difference: "
               f"{summary['max_difference_relative_to_largest_feature']:.1e} of the largest "
               "feature.", ""]
-    with open(os.path.join(FLAGS.out_dir, "frozen_forward.md"), "w") as f:
-        f.write("\n".join(lines))
+    report.write(FLAGS.out_dir, "frozen_forward", command, rounds, summary, lines)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import tf_keras as keras
 from absl import app
 from absl import flags
 
+from benchmarks import report
 from trainer import model as model_lib
 from trainer.data import pipeline
 
@@ -90,10 +91,6 @@ def main(argv):
 
 
 def _write(rounds, summary, command):
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.out_dir, "phase2_throughput.json"), "w") as f:
-        json.dump({"command": command, "cores": os.cpu_count(), "rounds": rounds,
-                   "summary": summary}, f, indent=2)
     lines = ["# Phase 2 throughput: pipeline vs in-memory tensors", "", "```", command, "```",
              "", f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, MobileNetV2 160 px, "
              "batch 32, layers >= 100 trainable.", "",
@@ -102,8 +99,7 @@ def _write(rounds, summary, command):
         lines.append(f"| {i + 1} | {r['in_memory']:.1f} | {r['pipeline']:.1f} | "
                      f"{r['ratio']:.3f} |")
     lines += ["", f"Median ratio: **{summary['median_ratio']:.3f}** (target >= 0.95).", ""]
-    with open(os.path.join(FLAGS.out_dir, "phase2_throughput.md"), "w") as f:
-        f.write("\n".join(lines))
+    report.write(FLAGS.out_dir, "phase2_throughput", command, rounds, summary, lines)
 
 
 if __name__ == "__main__":
