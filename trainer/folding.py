@@ -36,11 +36,8 @@ def foldable_pairs(model: keras.Model) -> Dict[str, str]:
     by_name = {layer.name: layer for layer in model.layers}
     pairs = {}
     for config in layers:
-        layer = by_name[config["name"]]
-        if not _plain_batch_norm(layer):
-            continue
-        inbound = _inbound_names(config)
-        if len(inbound) != 1:
+        layer, inbound = by_name[config["name"]], _inbound_names(config)
+        if len(inbound) != 1 or not _plain_batch_norm(layer):
             continue
         conv = by_name[inbound[0]]
         if (isinstance(conv, _CONVOLUTIONS) and conv.get_config()["activation"] == "linear"
