@@ -142,10 +142,8 @@ def pooled_model(model: keras.Model, frozen_base: Optional[keras.Model] = None) 
     ``frozen_base``: a copy of the backbone that computes the same, run
     instead of it (see ``cut_at_frontier``).
     """
-    if frozen_base is None:
-        return keras.Model(model.input, model.get_layer(model_lib.POOL_LAYER).output)
     inputs = keras.Input(model.input_shape[1:], name="image")
-    x = frozen_base(_rescaled(model, inputs), training=False)
+    x = (frozen_base or model_lib.get_backbone(model))(_rescaled(model, inputs), training=False)
     return keras.Model(inputs, model.get_layer(model_lib.POOL_LAYER)(x), name="pooled")
 
 
