@@ -1,7 +1,12 @@
-"""Callbacks: epoch extras for TensorBoard, NaN guard, resumable backups, hypertune.
+"""Callbacks: epoch extras for TensorBoard, NaN guard, best weights, backups, hypertune.
 
 ``Backup`` backs up every N steps, at epoch ends and before preemption
 (SIGTERM, see ``recovery.py``), and restores when a phase starts.
+
+``RestoreBest`` ends a fit on the weights of its lowest validation loss, and
+stops it after ``patience`` validations without one (the ``auto`` recipe).
+``StopOnSigterm`` ends a fit that has nothing worth backing up (a run of the
+head search) when a worker got SIGTERM.
 
 ``EpochExtras`` adds the learning rate, the phase and throughput to each
 epoch's logs; because it runs before Keras's TensorBoard callback and shares
@@ -76,6 +81,81 @@ class RaiseOnNaN(keras.callbacks.Callback):
             raise FloatingPointError(
                 f"Loss became {loss} in epoch {epoch + 1}; lower the learning "
                 "rate or check the input data.")
+
+
+class RestoreBest(keras.callbacks.Callback):
+    """Tracks the lowest ``val_loss``; ends the fit on those weights.
+
+    Unlike Keras's ``EarlyStopping(restore_best_weights=True)``, which
+    restores only when it stopped the fit, the best weights are restored
+    whenever the fit ends, also when it ran its whole budget past its best
+    epoch. A non-finite loss stops the fit at once (a learning rate too high
+    for a search candidate): the best weights so far, or the starting ones,
+    remain.
+
+    Args:
+      patience: validations without a lower val_loss before stopping; 0 runs
+        the whole budget (and still ends on the best weights).
+    """
+
+    def __init__(self, patience: int = 0):
+        super().__init__()
+        self._patience = patience
+        self.best_loss = math.inf
+        self.best_epoch = -1
+        self._best_weights = None
+        self._wait = 0
+
+    def on_train_begin(self, logs=None):
+        self.best_loss, self.best_epoch, self._wait = math.inf, -1, 0
+        self._best_weights = self.model.get_weights()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        loss = float(logs.get("val_loss", math.nan))
+        if not (math.isfinite(loss) and math.isfinite(float(logs.get("loss", 0.0)))):
+            logging.warning("Non-finite loss at epoch %d: stopping on the best weights so far.",
+                            epoch + 1)
+            self.model.stop_training = True
+            return
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch, self._wait = loss, epoch, 0
+            self._best_weights = self.model.get_weights()
+            return
+        self._wait += 1
+        if self._patience and self._wait >= self._patience:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self._best_weights is not None:
+            self.model.set_weights(self._best_weights)
+        if self.best_epoch >= 0:
+            logging.info("Ended on the weights of epoch %d (val_loss %.4f).",
+                         self.best_epoch + 1, self.best_loss)
+
+
+def write_search_summaries(log_dir: str, trials) -> None:
+    """TensorBoard hparams of a head search: one run per learning rate, beside its curves."""
+    from tensorboard.plugins.hparams import api as hp
+
+    for trial in trials:
+        writer = tf.summary.create_file_writer(f"{log_dir}/lr_{trial['learning_rate']:g}")
+        with writer.as_default(step=trial["best_step"]):
+            hp.hparams({"learning_rate": trial["learning_rate"]})
+            tf.summary.scalar("search/best_val_loss", trial["val_loss"])
+            tf.summary.scalar("search/best_val_accuracy", trial["val_accuracy"])
+        writer.close()
+
+
+class StopOnSigterm(keras.callbacks.Callback):
+    """Raises ``recovery.Preempted`` after the step at which any worker got SIGTERM."""
+
+    def on_train_begin(self, logs=None):
+        self._check = recovery.sigterm_check(self.model.distribute_strategy)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._check():
+            raise recovery.Preempted(recovery.sigterm_received(), 0, batch)
 
 
 # A save_freq that never comes due. Backups are then taken at epoch ends and

@@ -12,9 +12,11 @@ the only ones that read environment variables (Vertex AI's ``AIP_*``).
 import dataclasses
 import json
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 from absl import flags
+
+from trainer import recipe as recipe_lib
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
@@ -36,6 +38,8 @@ DEMO_PRESET = {
     "learning_rate": 2e-2,
     "fine_tune_learning_rate": 2e-4,
     "weights": DEMO_SOURCE_WEIGHTS,
+    # Its own fixed schedule: the shapes and demo_cnn want rates of their own.
+    "recipe": recipe_lib.TUTORIAL,
     # The shapes are drawn at every angle already, and RandomRotation's
     # reflected borders would draw extra shapes into the corners.
     "augment": False,
@@ -90,6 +94,12 @@ class Config:
     jit_compile: bool = False
     max_restarts: int = 3
     restart_wait_seconds: float = 600.0
+    # A Config built in code runs exactly the epochs and rates it names
+    # ("tutorial"); the --recipe flag defaults to "auto" (see trainer/recipe.py).
+    recipe: str = recipe_lib.TUTORIAL
+    # Under "auto": the recipe knobs (recipe.KNOBS) the user set, which auto keeps.
+    recipe_pinned: Tuple[str, ...] = ()
+    head_learning_rates: Tuple[float, ...] = recipe_lib.HEAD_LEARNING_RATES
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -106,6 +116,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     ``FlagValues`` with exactly the trainer's definitions.
     """
     fv = dict(flag_values=flag_values)
+    flags.DEFINE_enum(
+        "recipe", recipe_lib.AUTO, recipe_lib.RECIPES,
+        "'auto': step budgets scaled to the data, early stopping on validation "
+        "loss with the best weights kept, the head's learning rate searched on "
+        "cached features and phase 2's rate set from it; any of --epochs, "
+        "--fine_tune_epochs, --learning_rate, --fine_tune_learning_rate, "
+        "--early_stopping_patience given explicitly is kept. 'tutorial': exactly "
+        "the epochs and rates of those flags, whose defaults are the tutorial's.", **fv)
+    flags.DEFINE_list(
+        "head_learning_rates", [f"{r:g}" for r in recipe_lib.HEAD_LEARNING_RATES],
+        "--recipe=auto: learning rates the phase-1 search tries, comma-separated.", **fv)
     flags.DEFINE_string(
         "data_dir", "",
         "Input data, local or gs://: a folder with train/ and validation/ "
@@ -252,10 +273,15 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
     environ = os.environ if environ is None else environ
     values = {name: flag_values[name].value for name in _flag_names()}
     demo = not values["data_dir"]
+    preset = set()
     if demo:
         for name, value in DEMO_PRESET.items():
             if not flag_values[name].present:
                 values[name] = value
+                preset.add(name)
+    values["head_learning_rates"] = _floats("head_learning_rates", values["head_learning_rates"])
+    values["recipe_pinned"] = tuple(knob for knob in recipe_lib.KNOBS
+                                    if flag_values[knob].present or knob in preset)
     if not flag_values["fine_tune_at"].present:
         values["fine_tune_at"] = _default_fine_tune_at(values["backbone"])
     dirs = resolve_output_dirs(values["job_dir"], environ,
@@ -263,6 +289,13 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
     config = Config(demo=demo, **{**values, **dirs})
     validate(config, check_paths=check_paths)
     return config
+
+
+def _floats(name: str, texts) -> Tuple[float, ...]:
+    try:
+        return tuple(float(text) for text in texts)
+    except ValueError:
+        raise ConfigError(f"--{name}={','.join(texts)!r} must be comma-separated numbers.")
 
 
 def _default_fine_tune_at(backbone: str) -> int:
@@ -275,7 +308,8 @@ def _default_fine_tune_at(backbone: str) -> int:
 
 def _flag_names():
     return [f.name for f in dataclasses.fields(Config)
-            if f.name not in ("model_dir", "checkpoint_dir", "log_dir", "demo")]
+            if f.name not in ("model_dir", "checkpoint_dir", "log_dir", "demo",
+                              "recipe_pinned")]
 
 
 def resolve_output_dirs(job_dir: str, environ: Mapping[str, str],
@@ -336,6 +370,11 @@ def validate(config: Config, check_paths: bool = True) -> None:
         ("max_restarts", config.max_restarts >= 0, "must be 0 or more"),
         ("restart_wait_seconds", config.restart_wait_seconds >= 0, "must be 0 or more"),
         ("job_dir", bool(config.job_dir), "must not be empty"),
+        ("recipe", config.recipe in recipe_lib.RECIPES,
+         f"must be one of {list(recipe_lib.RECIPES)}"),
+        ("head_learning_rates", bool(config.head_learning_rates)
+         and all(rate > 0 for rate in config.head_learning_rates),
+         "must be one or more positive numbers"),
         ("tpu", not (config.tpu and config.strategy not in ("auto", "tpu")),
          f"is set but --strategy={config.strategy}; use --strategy=tpu or auto"),
     ]

@@ -12,6 +12,7 @@ config, the model and the metrics; other workers write to scratch folders.
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -29,6 +30,7 @@ from trainer import export
 from trainer import features
 from trainer import figures
 from trainer import model as model_lib
+from trainer import recipe
 from trainer import schedules
 from trainer import tflite
 from trainer.data import pipeline
@@ -38,25 +40,12 @@ _OPTIMIZERS = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSpro
                "sgd": keras.optimizers.SGD}
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One fit: its epochs [first_epoch, last_epoch), optimizer and learning rate."""
-
-    number: int
-    first_epoch: int
-    last_epoch: int
-    optimizer: str
-    learning_rate: float
-
-
-def phases(config: config_lib.Config) -> List[Phase]:
-    """The recipe's phases; a phase with no epochs is left out."""
-    all_phases = [
-        Phase(1, 0, config.epochs, config.optimizer, config.learning_rate),
-        Phase(2, config.epochs, config.epochs + config.fine_tune_epochs,
-              config.fine_tune_optimizer, config.fine_tune_learning_rate),
-    ]
-    return [p for p in all_phases if p.last_epoch > p.first_epoch]
+def phases(config: config_lib.Config, steps_per_epoch: int = 1) -> List[recipe.Phase]:
+    """The phases of a fixed (tutorial) schedule; a phase with no epochs is left out."""
+    one = recipe.phase_one(config, steps_per_epoch, can_search=False)
+    two = recipe.phase_two(config, steps_per_epoch, one.last_epoch if one else 0,
+                           one.learning_rate if one else None)
+    return [p for p in (one, two) if p]
 
 
 def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strategy,
@@ -98,18 +87,29 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
         config.seed, config.fine_tune_at,
         config.fine_tune_cache and config.fine_tune_epochs > 0, config.augment,
         config.fine_tune_cache_max_gb * 1e9)
-    for phase in phases(config):
-        model_lib.set_trainable_for_phase(model, phase.number, config.fine_tune_at)
-        if phase.number == 1 and config.feature_cache:
-            fit = frozen.phase_one()
-        elif phase.number == 2 and frozen.fine_tune:
-            fit = frozen.phase_two()
-        else:
-            fit = (model, train_data, validation_data)
-        result = _run_phase(*fit, phase, config, strategy, info, data.num_classes,
-                            steps_per_epoch, global_batch, validation_steps=validation_steps)
-        for key, values in result.history.items():
-            history.setdefault(key, []).extend(values)
+    run = functools.partial(_Runner, config=config, strategy=strategy, info=info,
+                            num_classes=data.num_classes, global_batch=global_batch,
+                            validation_steps=validation_steps)
+    can_search = config.feature_cache and not isinstance(strategy, tf.distribute.TPUStrategy)
+    if config.recipe == recipe.AUTO and not can_search:
+        logging.info("--recipe=auto: no head search (%s); phase 1 trains at one fixed rate.",
+                     "--feature_cache=false" if not config.feature_cache else "TPU")
+    chosen = {}
+    one = recipe.phase_one(config, steps_per_epoch, can_search)
+    if one:
+        model_lib.set_trainable_for_phase(model, 1, config.fine_tune_at)
+        fit = (frozen.phase_one() if config.feature_cache
+               else (model, train_data, validation_data))
+        one, result, chosen = run(phase=one, fit=fit).run()
+        _extend(history, result)
+    two = recipe.phase_two(config, steps_per_epoch,
+                           first_epoch=len(history.get("loss", [])) if one else 0,
+                           head_learning_rate=one.learning_rate if one else None)
+    if two and config.fine_tune_epochs:
+        model_lib.set_trainable_for_phase(model, 2, config.fine_tune_at)
+        fit = frozen.phase_two() if frozen.fine_tune else (model, train_data, validation_data)
+        _, result, _ = run(phase=two, fit=fit).run()
+        _extend(history, result)
 
     # -------------------------------------------------------------- Export
     model_dir = cluster.worker_dir(config.model_dir, info)
@@ -121,10 +121,15 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     # ------------------------------------------------------------ Evaluate
     metrics = evaluate.evaluate_splits(config.model_dir, data, config.image_size)
     metrics["history"] = history
+    metrics["recipe"] = {"name": config.recipe, "phases": [
+        dataclasses.asdict(p) for p in (one, two) if p], **chosen}
     evaluate.write_metrics(metrics, f"{config.job_dir}/metrics.json")
+    chosen_rates = {f"chosen_{name}": p.learning_rate for name, p in
+                    (("learning_rate", one), ("fine_tune_learning_rate", two)) if p}
     evaluate.write_summaries(metrics, config.model_dir, data, config.image_size,
-                             f"{config.log_dir}/evaluation", evaluate.hparams_of(config),
-                             step=config.epochs + config.fine_tune_epochs)
+                             f"{config.log_dir}/evaluation",
+                             {**evaluate.hparams_of(config), **chosen_rates},
+                             step=len(history.get("loss", [])))
     figures.save_learning_curves(history, f"{config.job_dir}/{figures.LEARNING_CURVES_FILE}")
     if config.export_tflite:
         tflite.export_tflite(config.model_dir, f"{config.job_dir}/tflite")
@@ -160,41 +165,125 @@ def _distribute(strategy, split, config, training):
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def _run_phase(model, train_data, validation_data, phase: Phase, config, strategy, info,
-               num_classes, steps_per_epoch, global_batch, validation_steps=None):
-    """Compiles ``model`` for the phase and fits it, resuming from the phase's backup."""
-    with strategy.scope():
-        loss, metrics = model_lib.loss_and_metrics(num_classes, config.label_smoothing)
-        learning_rate = schedules.learning_rate(
-            config.lr_schedule, phase.learning_rate,
-            total_steps=(phase.last_epoch - phase.first_epoch) * steps_per_epoch,
-            warmup_steps=round(config.warmup_epochs * steps_per_epoch))
-        optimizer = _OPTIMIZERS[phase.optimizer](learning_rate)
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
-                      jit_compile=config.jit_compile)
-    backup_dir = f"{config.checkpoint_dir}/phase{phase.number}"
-    if tf.io.gfile.exists(backup_dir):
-        logging.info("Phase %d: resuming from %s.", phase.number, backup_dir)
-    logging.info("Phase %d: epochs %d-%d, %s lr %g, %d trainable weights.",
-                 phase.number, phase.first_epoch + 1, phase.last_epoch, phase.optimizer,
-                 phase.learning_rate, len(model.trainable_weights))
-    callbacks = [
-        callbacks_lib.EpochExtras(phase.number, global_batch),
-        callbacks_lib.RaiseOnNaN(),
-        callbacks_lib.Backup(backup_dir, config.checkpoint_every_steps, phase.number),
-        keras.callbacks.TensorBoard(config.log_dir, write_graph=False, profile_batch=0),
-        # Only the chief of a Vertex AI tuning trial reports the study's metric.
-        callbacks_lib.HypertuneReporter(config.hypertune_metric,
-                                        enabled=info.is_chief and bool(info.trial)),
-    ]
-    if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            "val_loss", patience=config.early_stopping_patience, restore_best_weights=True,
-            verbose=1))
-    return model.fit(train_data, epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
-                     steps_per_epoch=steps_per_epoch, validation_data=validation_data,
-                     validation_steps=validation_steps,
-                     callbacks=callbacks, verbose=2)
+def _extend(history: Dict[str, list], result: Dict[str, list]) -> None:
+    for key, values in result.items():
+        history.setdefault(key, []).extend(values)
+
+
+class _Runner:
+    """Runs one phase over ``fit`` = (model, train data, validation data).
+
+    A phase of ``learning_rates`` is a head search: one short fit per rate,
+    the head reset before each; it ends on the best run's weights. Phases of
+    the ``auto`` recipe record themselves when finished (``_finish``), so a
+    re-run restores their final weights instead of training again.
+    """
+
+    def __init__(self, phase: recipe.Phase, fit, config, strategy, info, num_classes,
+                 global_batch, validation_steps):
+        self.phase, self.config, self.strategy, self.info = phase, config, strategy, info
+        self.model, self.train_data, self.validation_data = fit
+        self.num_classes, self.global_batch = num_classes, global_batch
+        self.validation_steps = validation_steps
+        self.folder = f"{config.checkpoint_dir}/phase{phase.number}"
+
+    def run(self):
+        """(the phase as run, its history, what it chose) -- restored when finished before."""
+        logging.info("%s", recipe.describe(self.phase))
+        if self.phase.restore_best:
+            finished = recipe.read_finished(self.folder)
+            if finished:
+                logging.info("Phase %d: finished before; restoring its final weights.",
+                             self.phase.number)
+                self.model.load_weights(f"{self.folder}/final/weights")
+                return (self.phase.with_rate(finished["learning_rate"]), finished["history"],
+                        {k: v for k, v in finished.items() if k == "search"})
+        if self.phase.learning_rates:
+            phase, history, chosen = self._search()
+        else:
+            phase, history, chosen = self.phase, self._fit(self.phase).history, {}
+        if self.phase.restore_best:
+            self._finish(phase, history, chosen)
+        return phase, history, chosen
+
+    def _search(self):
+        start = self.model.get_weights()
+        trials, best_weights, histories = [], None, {}
+        for rate in self.phase.learning_rates:
+            self.model.set_weights(start)
+            history = self._fit(self.phase.with_rate(rate), trial=True).history
+            trial = recipe.trial_result(rate, history, self.phase.steps_per_epoch)
+            if best_weights is None or trial["val_loss"] < recipe.best_trial(trials)["val_loss"]:
+                best_weights = self.model.get_weights()
+            trials.append(trial)
+            histories[rate] = history
+        best = recipe.best_trial(trials)
+        self.model.set_weights(best_weights)
+        logging.info("Phase 1 search, on validation:\n%s", recipe.search_table(trials))
+        if self.info.is_chief:
+            callbacks_lib.write_search_summaries(f"{self.config.log_dir}/search", trials)
+        return (self.phase.with_rate(best["learning_rate"]), histories[best["learning_rate"]],
+                {"search": trials})
+
+    def _finish(self, phase, history, chosen):
+        """Saves the phase's final weights, then (chief) its record: the phase is done."""
+        weights_dir = cluster.worker_dir(f"{self.folder}/final", self.info)
+        self.model.save_weights(f"{weights_dir}/weights")
+        if self.info.is_chief:
+            recipe.write_finished(self.folder, {"learning_rate": phase.learning_rate,
+                                              "history": history, **chosen})
+        else:
+            tf.io.gfile.rmtree(weights_dir)
+
+    def _fit(self, phase: recipe.Phase, trial: bool = False):
+        """Compiles the model for ``phase`` and fits it (resuming from its backup unless a
+        search ``trial``, which is cheap to redo)."""
+        config = self.config
+        with self.strategy.scope():
+            loss, metrics = model_lib.loss_and_metrics(self.num_classes, config.label_smoothing)
+            learning_rate = schedules.learning_rate(
+                config.lr_schedule, phase.learning_rate, total_steps=phase.steps,
+                warmup_steps=round(config.warmup_epochs * phase.steps_per_epoch))
+            optimizer = _OPTIMIZERS[phase.optimizer](learning_rate)
+            self.model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                               jit_compile=config.jit_compile)
+        if trial:
+            callbacks = [callbacks_lib.StopOnSigterm(),
+                         callbacks_lib.RestoreBest(phase.patience),
+                         keras.callbacks.TensorBoard(
+                             f"{config.log_dir}/search/lr_{phase.learning_rate:g}",
+                             write_graph=False, profile_batch=0)]
+        else:
+            callbacks = self._callbacks(phase)
+        logging.info("Phase %d: epochs %d-%d, %s lr %g, %d trainable weights.",
+                     phase.number, phase.first_epoch + 1, phase.last_epoch, phase.optimizer,
+                     phase.learning_rate, len(self.model.trainable_weights))
+        return self.model.fit(
+            self.train_data, epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
+            steps_per_epoch=phase.steps_per_epoch, validation_data=self.validation_data,
+            validation_steps=self.validation_steps, callbacks=callbacks,
+            verbose=0 if trial else 2)
+
+    def _callbacks(self, phase: recipe.Phase) -> list:
+        config, info = self.config, self.info
+        backup_dir = self.folder
+        if tf.io.gfile.exists(backup_dir):
+            logging.info("Phase %d: resuming from %s.", phase.number, backup_dir)
+        callbacks = [
+            callbacks_lib.EpochExtras(phase.number, self.global_batch),
+            callbacks_lib.RaiseOnNaN(),
+            callbacks_lib.Backup(backup_dir, config.checkpoint_every_steps, phase.number),
+            keras.callbacks.TensorBoard(config.log_dir, write_graph=False, profile_batch=0),
+            # Only the chief of a Vertex AI tuning trial reports the study's metric.
+            callbacks_lib.HypertuneReporter(config.hypertune_metric,
+                                            enabled=info.is_chief and bool(info.trial)),
+        ]
+        if phase.restore_best:
+            callbacks.insert(2, callbacks_lib.RestoreBest(phase.patience))
+        elif phase.patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                "val_loss", patience=phase.patience, restore_best_weights=True, verbose=1))
+        return callbacks
 
 
 @contextlib.contextmanager

@@ -1,0 +1,199 @@
+"""The recipe: tutorial preset flag for flag, auto's budgets, the head search and its resume."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+from absl import flags
+
+from conftest import tiny_config
+from trainer import callbacks as callbacks_lib
+from trainer import cluster
+from trainer import config as config_lib
+from trainer import recipe
+from trainer import train
+
+
+def _parse(args, data_dir):
+    fv = flags.FlagValues()
+    config_lib.define_flags(fv)
+    fv(["trainer", f"--data_dir={data_dir}", *args])
+    return config_lib.config_from_flags(fv, environ={})
+
+
+def test_tutorial_preset_is_the_tutorials_recipe_flag_for_flag(binary_dir):
+    config = _parse(["--recipe=tutorial"], binary_dir)
+    assert (config.epochs, config.fine_tune_epochs, config.optimizer, config.fine_tune_optimizer,
+            config.learning_rate, config.fine_tune_learning_rate, config.fine_tune_at,
+            config.image_size, config.batch_size, config.dropout,
+            config.early_stopping_patience) == (10, 10, "adam", "rmsprop", 1e-4, 1e-5, 100,
+                                                160, 32, 0.2, 0)
+    # 2,000 images at batch 32: the tutorial's 63 steps an epoch, no early stopping.
+    assert [(p.number, p.first_epoch, p.last_epoch, p.optimizer, p.learning_rate,
+             p.steps_per_epoch, p.patience, p.restore_best, p.learning_rates)
+            for p in train.phases(config, steps_per_epoch=63)] == [
+        (1, 0, 10, "adam", 1e-4, 63, 0, False, ()),
+        (2, 10, 20, "rmsprop", 1e-5, 63, 0, False, ())]
+
+
+def test_auto_is_the_default_and_keeps_what_the_user_sets(binary_dir):
+    config = _parse([], binary_dir)
+    assert config.recipe == "auto" and config.recipe_pinned == ()
+    pinned = _parse(["--learning_rate=0.01", "--fine_tune_epochs=3"], binary_dir)
+    assert pinned.recipe_pinned == ("fine_tune_epochs", "learning_rate")
+    one = recipe.phase_one(pinned, steps_per_epoch=63, can_search=True)
+    assert (one.learning_rate, one.learning_rates) == (0.01, ())  # No search: the rate is set.
+    two = recipe.phase_two(pinned, 63, first_epoch=one.last_epoch, head_learning_rate=0.01)
+    assert (two.steps_per_epoch, two.last_epoch - two.first_epoch) == (63, 3)
+    assert two.learning_rate == pytest.approx(1e-4)  # FINE_TUNE_RATIO x the head's rate.
+
+
+@pytest.mark.parametrize("train_images, head, fine_tune", [
+    # (images, (steps, steps between validations), the same for phase 2), batch 32.
+    (40, (1500, 50), (300, 10)),        # 20 a class: floors, not 10 epochs of 2 steps.
+    (120, (1500, 50), (300, 10)),
+    (2000, (1512, 63), (630, 63)),      # The tutorial's set: epochs as validation intervals.
+    (100000, (10000, 1000), (30000, 3000)),  # Capped; at least 10 validations.
+])
+def test_auto_budgets_are_in_steps_scaled_to_the_data(binary_dir, train_images, head,
+                                                      fine_tune):
+    config = _parse([], binary_dir)
+    steps_per_epoch = -(-train_images // 32)
+    one = recipe.phase_one(config, steps_per_epoch, can_search=True)
+    two = recipe.phase_two(config, steps_per_epoch, one.last_epoch, one.learning_rate)
+    assert abs(one.steps - head[0]) <= one.steps_per_epoch and one.steps_per_epoch == head[1]
+    assert abs(two.steps - fine_tune[0]) <= two.steps_per_epoch
+    assert two.steps_per_epoch == fine_tune[1]
+    assert one.learning_rates == recipe.HEAD_LEARNING_RATES and one.restore_best
+    assert two.first_epoch == one.last_epoch and two.patience == recipe.PATIENCE
+
+
+def test_auto_without_the_feature_cache_trains_one_fixed_rate(binary_dir):
+    config = _parse(["--feature_cache=false"], binary_dir)
+    one = recipe.phase_one(config, 63, can_search=False)
+    assert (one.learning_rate, one.learning_rates) == (recipe.FIXED_HEAD_LEARNING_RATE, ())
+
+
+def test_head_learning_rates_flag_is_checked(binary_dir):
+    with pytest.raises(config_lib.ConfigError, match="head_learning_rates"):
+        _parse(["--head_learning_rates=1e-3,fast"], binary_dir)
+    with pytest.raises(config_lib.ConfigError, match="head_learning_rates"):
+        _parse(["--head_learning_rates=1e-3,-1"], binary_dir)
+
+
+# ----------------------------------------------------------- The head search
+
+
+def _blobs(seed, count=256):
+    """Two Gaussian blobs in 16 dimensions, labels 0/1: a linear head separates them."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, count)
+    features = rng.normal(size=(count, 16)).astype("float32") + 1.5 * labels[:, None]
+    return features, labels.astype("float32")
+
+
+def _runner(phase, tmp_path, strategy, data_dir):
+    with strategy.scope():
+        head = keras.Sequential([keras.Input((16,)), keras.layers.Dense(1)])
+    train_x, train_y = _blobs(0)
+    val_x, val_y = _blobs(1)
+    train_data = tf.data.Dataset.from_tensor_slices((train_x, train_y)).shuffle(
+        256, seed=0).repeat().batch(32)
+    val_data = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(64).repeat()
+    config = tiny_config(data_dir, tmp_path / "job", recipe="auto")
+    return train._Runner(phase, (head, train_data, val_data), config, strategy,
+                         cluster.ClusterInfo(), num_classes=2, global_batch=32,
+                         validation_steps=4)
+
+
+def _search_phase(rates):
+    return recipe.Phase(1, 0, 8, "adam", rates[0], steps_per_epoch=25, patience=3,
+                        restore_best=True, learning_rates=rates)
+
+
+def test_search_picks_the_rate_that_clearly_wins(tmp_path, binary_dir):
+    # 1e-6 barely moves from the start; 30 makes Adam jump far past the optimum.
+    runner = _runner(_search_phase((1e-6, 3e-2, 30.0)), tmp_path,
+                     tf.distribute.get_strategy(), binary_dir)
+    phase, history, chosen = runner.run()
+    rows = {row["learning_rate"]: row for row in chosen["search"]}
+    assert phase.learning_rate == 3e-2
+    assert rows[3e-2]["val_loss"] < 0.5 * min(rows[1e-6]["val_loss"], rows[30.0]["val_loss"])
+    # The head ends on the winner's best weights: its validation loss, recomputed.
+    runner.model.compile(loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    val_x, val_y = _blobs(1)
+    assert runner.model.evaluate(val_x, val_y, verbose=0) == pytest.approx(
+        rows[3e-2]["val_loss"], rel=1e-4)
+    record = json.loads((tmp_path / "job" / "checkpoints" / "phase1" /
+                         recipe.FINISHED_FILE).read_text())
+    assert record["learning_rate"] == 3e-2 and len(record["search"]) == 3
+
+
+def test_a_finished_search_is_not_redone(tmp_path, binary_dir, monkeypatch):
+    strategy = tf.distribute.get_strategy()
+    first = _runner(_search_phase((1e-6, 3e-2)), tmp_path, strategy, binary_dir)
+    phase, _, chosen = first.run()
+    weights = first.model.get_weights()
+
+    def fail(self, *args, **kwargs):
+        raise AssertionError("the finished search ran again")
+
+    monkeypatch.setattr(train._Runner, "_search", fail)
+    monkeypatch.setattr(train._Runner, "_fit", fail)
+    again = _runner(_search_phase((1e-6, 3e-2)), tmp_path, strategy, binary_dir)
+    phase_again, _, chosen_again = again.run()
+    assert phase_again.learning_rate == phase.learning_rate == 3e-2
+    assert chosen_again == chosen
+    for restored, original in zip(again.model.get_weights(), weights):
+        np.testing.assert_array_equal(restored, original)
+
+
+def test_restore_best_ends_on_the_best_epoch_even_without_stopping():
+    """A scripted curve: the loss falls, then a kick to the weights at epoch 4 makes it rise;
+    the fit runs its whole budget (patience larger than the epochs) and still ends on the
+    best epoch's weights."""
+    x, y = _blobs(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.BinaryCrossentropy(from_logits=True))
+
+    def kick(epoch, logs):
+        if epoch == 3:
+            kernel, bias = model.get_weights()
+            model.set_weights([kernel - 5.0, bias])
+
+    keep = callbacks_lib.RestoreBest(patience=100)
+    snapshots = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_begin=kick, on_epoch_end=lambda epoch, logs: snapshots.append(model.get_weights()))
+    history = model.fit(x, y, validation_data=(x, y), epochs=6, batch_size=32, verbose=0,
+                        callbacks=[keep, record])
+    losses = history.history["val_loss"]
+    best = int(np.argmin(losses))
+    assert len(losses) == 6 and best == 2 and losses[-1] > 2 * losses[best]
+    assert keep.best_epoch == best
+    for restored, expected in zip(model.get_weights(), snapshots[best]):
+        np.testing.assert_array_equal(restored, expected)
+
+
+def test_auto_runs_end_to_end_and_resumes_without_searching_again(binary_dir, tmp_path,
+                                                                  monkeypatch):
+    config = tiny_config(binary_dir, tmp_path / "job", recipe="auto", backbone="demo_cnn",
+                         fine_tune_at=5, epochs=3, fine_tune_epochs=2,
+                         recipe_pinned=("epochs", "fine_tune_epochs"),
+                         head_learning_rates=(1e-3, 1e-2))
+    strategy = cluster.create_strategy("one_device")
+    metrics = train.train_and_evaluate(config, strategy)
+    search = metrics["recipe"]["search"]
+    assert [row["learning_rate"] for row in search] == [1e-3, 1e-2]
+    chosen = min(search, key=lambda row: row["val_loss"])["learning_rate"]
+    one, two = metrics["recipe"]["phases"]
+    assert one["learning_rate"] == chosen
+    assert two["learning_rate"] == pytest.approx(recipe.FINE_TUNE_RATIO * chosen)
+
+    monkeypatch.setattr(train._Runner, "_search",
+                        lambda self: pytest.fail("the finished search ran again"))
+    again = train.train_and_evaluate(config, strategy)
+    assert again["recipe"]["search"] == search
+    assert again["test"]["accuracy"] == metrics["test"]["accuracy"]
