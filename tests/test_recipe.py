@@ -197,3 +197,36 @@ def test_auto_runs_end_to_end_and_resumes_without_searching_again(binary_dir, tm
     again = train.train_and_evaluate(config, strategy)
     assert again["recipe"]["search"] == search
     assert again["test"]["accuracy"] == metrics["test"]["accuracy"]
+
+
+def test_auto_on_two_workers_chooses_alike_and_a_restart_keeps_the_search(binary_dir, tmp_path):
+    """Two real MultiWorkerMirrored processes: both pick the same rate (the search decides
+    on all-reduced validation losses); killed in phase 2 and restarted, neither searches
+    again: both restore the chief's finished phase 1."""
+    import signal
+
+    from workers import Job
+
+    job_dir = tmp_path / "job"
+    args = [f"--data_dir={binary_dir}", f"--job_dir={job_dir}", "--weights=none",
+            "--image_size=32", "--batch_size=2", "--backbone=demo_cnn", "--fine_tune_at=14",
+            "--augment=false", "--epochs=2", "--fine_tune_epochs=2",
+            "--head_learning_rates=1e-3,1e-2", "--restart_wait_seconds=60", "--v=1"]
+    log = str(tmp_path / "workers.log")
+    phase_two = r"Phase 2: rmsprop lr ([0-9.e-]+);"
+    with Job(args, 2, log) as first:
+        first.chief.wait_for(r"Phase 2: step 2 done", 300)
+        first.signal(signal.SIGKILL)
+        first.wait(60)
+    rates = [w.wait_for(phase_two, 1)[1].group(1) for w in first.workers]
+    assert rates[0] == rates[1]
+    assert all(w.matches(r"Phase 1 search, on validation") for w in first.workers)
+
+    with Job(args, 2, log) as second:
+        assert second.wait(300) == [0, 0], second.chief.tail() + second.workers[1].tail()
+    for worker in second.workers:
+        assert worker.matches(r"Phase 1: finished before; restoring its final weights")
+        assert not worker.matches(r"Phase 1 search, on validation")
+        assert worker.wait_for(phase_two, 1)[1].group(1) == rates[0]
+    metrics = json.loads((job_dir / "metrics.json").read_text())
+    assert [row["learning_rate"] for row in metrics["recipe"]["search"]] == [1e-3, 1e-2]
