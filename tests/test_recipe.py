@@ -230,3 +230,22 @@ def test_auto_on_two_workers_chooses_alike_and_a_restart_keeps_the_search(binary
         assert worker.wait_for(phase_two, 1)[1].group(1) == rates[0]
     metrics = json.loads((job_dir / "metrics.json").read_text())
     assert [row["learning_rate"] for row in metrics["recipe"]["search"]] == [1e-3, 1e-2]
+
+
+def test_tuning_trials_report_the_restored_epoch_last(tmp_path, monkeypatch):
+    """Under auto a phase ends on its best epoch's weights, so that epoch's value is the last
+    measurement (hptune.yaml judges trials by their last one)."""
+    import hypertune
+
+    path = tmp_path / "output.metrics"
+    monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(path))
+    best = callbacks_lib.RestoreBest()
+    best.best_epoch = 11  # Of epochs 10-12 of phase 2, the second was best.
+    reporter = callbacks_lib.HypertuneReporter("val_accuracy", enabled=True,
+                                               client=hypertune.HyperTune(), best=best)
+    for epoch, value in ((10, 0.90), (11, 0.95), (12, 0.93)):
+        reporter.on_epoch_end(epoch, {"val_accuracy": value})
+    reporter.on_train_end()
+    reports = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["val_accuracy"], r["global_step"]) for r in reports] == [
+        ("0.9", "11"), ("0.95", "12"), ("0.93", "13"), ("0.95", "14")]

@@ -242,10 +242,13 @@ class HypertuneReporter(keras.callbacks.Callback):
         own reports and every phase makes a new callback.
     """
 
-    def __init__(self, metric: str, enabled: bool, client=None):
+    def __init__(self, metric: str, enabled: bool, client=None,
+                 best: "RestoreBest" = None):
         super().__init__()
         self._metric = metric
         self._client = None
+        self._best = best
+        self._reported = {}
         if enabled and metric:
             self._client = client or _shared_hypertune_client()
 
@@ -257,9 +260,21 @@ class HypertuneReporter(keras.callbacks.Callback):
             # A study fed nothing fails every trial at the end; fail this one now.
             raise KeyError(f"--hypertune_metric={self._metric!r} is not an epoch metric; "
                            f"this epoch logged {sorted(logs)}.")
+        self._report(float(logs[self._metric]), epoch + 1)
+
+    def on_train_end(self, logs=None):
+        # With ``best`` (a RestoreBest), the fit ends on its best epoch's weights: that
+        # epoch's value is reported once more, last, so that a study judging trials by
+        # their last measurement judges the weights that are exported.
+        if self._client is None or self._best is None or self._best.best_epoch < 0:
+            return
+        if self._best.best_epoch in self._reported:
+            self._report(self._reported[self._best.best_epoch], max(self._reported) + 2)
+
+    def _report(self, value: float, step: int) -> None:
+        self._reported[step - 1] = value
         self._client.report_hyperparameter_tuning_metric(
-            hyperparameter_metric_tag=self._metric, metric_value=float(logs[self._metric]),
-            global_step=epoch + 1)
+            hyperparameter_metric_tag=self._metric, metric_value=value, global_step=step)
 
 
 @functools.lru_cache(maxsize=None)

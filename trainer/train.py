@@ -269,18 +269,19 @@ class _Runner:
         backup_dir = self.folder
         if tf.io.gfile.exists(backup_dir):
             logging.info("Phase %d: resuming from %s.", phase.number, backup_dir)
+        best = callbacks_lib.RestoreBest(phase.patience) if phase.restore_best else None
         callbacks = [
             callbacks_lib.EpochExtras(phase.number, self.global_batch),
             callbacks_lib.RaiseOnNaN(),
+            *([best] if best else []),
             callbacks_lib.Backup(backup_dir, config.checkpoint_every_steps, phase.number),
             keras.callbacks.TensorBoard(config.log_dir, write_graph=False, profile_batch=0),
             # Only the chief of a Vertex AI tuning trial reports the study's metric.
             callbacks_lib.HypertuneReporter(config.hypertune_metric,
-                                            enabled=info.is_chief and bool(info.trial)),
+                                            enabled=info.is_chief and bool(info.trial),
+                                            best=best),
         ]
-        if phase.restore_best:
-            callbacks.insert(2, callbacks_lib.RestoreBest(phase.patience))
-        elif phase.patience:
+        if not best and phase.patience:
             callbacks.append(keras.callbacks.EarlyStopping(
                 "val_loss", patience=phase.patience, restore_best_weights=True, verbose=1))
         return callbacks
