@@ -22,7 +22,9 @@ one after the other in one process, and reports test accuracy, validation
 accuracy (phase 1 and final), the rates used and wall time (the whole job:
 feature caches, both phases, export and evaluation). ``--smoke`` runs the
 same code on a few generated images in seconds (the test suite does).
-Results go to recipe_fit.json and recipe_fit.md in ``--out_dir``.
+Results go to recipe_fit.json and recipe_fit.md in ``--out_dir`` (``--name``
+renames them; ``--sides`` and ``--extra_flags`` run variants, such as
+``--sides=auto --extra_flags=--image_size=224``).
 """
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -54,7 +56,12 @@ flags.DEFINE_list("grid_epochs", ["10", "50"], "Grid: phase-1 epochs.")
 flags.DEFINE_integer("seed", 42, "Seed of the subsets.")
 flags.DEFINE_string("work_dir", "", "Scratch folder (default: a new temporary folder).")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"),
-                    "Where recipe_fit.json and recipe_fit.md are written.")
+                    "Where the results are written.")
+flags.DEFINE_list("sides", [], "Run only these sides (names as in the report); empty: all.")
+flags.DEFINE_list("auto_image_sizes", [],
+                  "Also run auto at these --image_size values (sides 'auto image_size=S').")
+flags.DEFINE_list("extra_flags", [], "Trainer flags added to every side, e.g. --image_size=224.")
+flags.DEFINE_string("name", "recipe_fit", "Results file name, without extension.")
 flags.DEFINE_bool("smoke", False, "Generated 32-px shapes, demo_cnn, tiny budgets: seconds.")
 
 _SMOKE_FLAGS = ["--image_size=32", "--batch_size=4", "--backbone=demo_cnn", "--fine_tune_at=5",
@@ -86,7 +93,10 @@ def sides() -> Dict[str, List[str]]:
         "--recipe=tutorial", f"--learning_rate={lr}", f"--epochs={epochs}"]
         for lr in FLAGS.grid_learning_rates for epochs in FLAGS.grid_epochs}
     grid.pop("grid lr=0.0001 epochs=10", None)  # That is the tutorial preset itself.
-    return {"tutorial": ["--recipe=tutorial"], "auto": [], **grid}
+    sizes = {f"auto image_size={size}": [f"--image_size={size}"]
+             for size in FLAGS.auto_image_sizes}
+    every = {"tutorial": ["--recipe=tutorial"], "auto": [], **sizes, **grid}
+    return {name: side for name, side in every.items() if not FLAGS.sides or name in FLAGS.sides}
 
 
 def run_side(data_dir: str, job_dir: str, side_flags: Sequence[str]) -> Dict:
@@ -96,7 +106,8 @@ def run_side(data_dir: str, job_dir: str, side_flags: Sequence[str]) -> Dict:
     config_lib.define_flags(fv)
     weights = [] if FLAGS.smoke else [f"--weights={FLAGS.weights}"]
     fv(["trainer", f"--data_dir={data_dir}", f"--job_dir={job_dir}", "--strategy=one_device",
-        *weights, *(_SMOKE_FLAGS if FLAGS.smoke else []), *side_flags])
+        *weights, *(_SMOKE_FLAGS if FLAGS.smoke else []), *FLAGS.extra_flags,
+        *side_flags])
     config = config_lib.config_from_flags(fv, environ={})
     start = time.perf_counter()
     metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
@@ -129,8 +140,10 @@ def summarize(results: Dict[str, Dict[str, Dict]]) -> Dict:
     """Per set: auto against the tutorial preset and against the best of all other sides."""
     summary = {}
     for set_name, by_side in results.items():
+        if not {"auto", "tutorial"} <= set(by_side):
+            continue
         auto, tutorial = by_side["auto"], by_side["tutorial"]
-        others = {name: r for name, r in by_side.items() if name != "auto"}
+        others = {name: r for name, r in by_side.items() if not name.startswith("auto")}
         best = max(others, key=lambda name: others[name]["test_accuracy"])
         summary[set_name] = {
             "auto_minus_tutorial_test_accuracy": auto["test_accuracy"] - tutorial["test_accuracy"],
@@ -162,7 +175,9 @@ def markdown(results, summary, command: str) -> List[str]:
                       "| lr | val. loss | val. acc. | best step / run |", "|---|---|---|---|"]
             lines += [f"| {t['learning_rate']:g} | {t['val_loss']:.4f} | {t['val_accuracy']:.4f}"
                       f" | {t['best_step']} / {t['steps_run']} |" for t in search]
-        s = summary[set_name]
+        s = summary.get(set_name)
+        if not s:
+            continue
         lines += ["", f"auto - tutorial test accuracy: {s['auto_minus_tutorial_test_accuracy']:+.3f};"
                   f" auto - best other side ({s['best_other_side']}): "
                   f"{s['auto_minus_best_other_test_accuracy']:+.3f}; auto time / tutorial time: "
@@ -194,7 +209,7 @@ def main(argv):
             print(f"{set_name} / {side}: {results[set_name][side]}", flush=True)
     summary = summarize(results)
     command = "python -m benchmarks.recipe_fit " + " ".join(sys.argv[1:])
-    report.write(FLAGS.out_dir, "recipe_fit", command, [results], summary,
+    report.write(FLAGS.out_dir, FLAGS.name, command, [results], summary,
                  markdown(results, summary, command))
     if not FLAGS.work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
