@@ -4,7 +4,8 @@ The final numbers of a run come from the exported SavedModel itself, read
 back with plain TensorFlow: they describe exactly what will be served, and
 they need no collective ops, so only the chief computes them.
 
-For each split: count, accuracy, cross-entropy loss, per-class precision,
+For each split: count, accuracy, balanced accuracy (mean per-class recall),
+macro F1, cross-entropy loss, per-class precision,
 recall and F1 (with their macro average), the confusion matrix (rows: true
 class) and, with two classes, ROC AUC for the second class. The TensorBoard
 summaries (one run, e.g. ``logs/evaluation``) hold those numbers as scalars,
@@ -56,16 +57,22 @@ def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
                            class_names: Sequence[str]) -> Dict:
-    """Accuracy, loss, per-class scores, confusion matrix (rows: true) and binary ROC AUC."""
+    """Accuracy, balanced accuracy, macro F1, loss, per-class scores, confusion matrix
+    (rows: true) and binary ROC AUC."""
     labels = np.asarray(labels, dtype=np.int64)
     predicted = probabilities.argmax(axis=-1)
     true_probability = probabilities[np.arange(len(labels)), labels]
     confusion = np.zeros((len(class_names), len(class_names)), dtype=int)
     np.add.at(confusion, (labels, predicted), 1)
     per_class = per_class_metrics(confusion, class_names)
+    present = [c for c in per_class.values() if c["support"]]
     metrics = {
         "count": int(len(labels)),
         "accuracy": float((predicted == labels).mean()),
+        # Mean recall over the classes present (scikit-learn's balanced_accuracy_score):
+        # what plain accuracy hides when one class dominates.
+        "balanced_accuracy": float(np.mean([c["recall"] for c in present])) if present else 0.0,
+        "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])),
         "loss": float(-np.log(np.clip(true_probability, 1e-7, 1.0)).mean()),
         "confusion_matrix": confusion.tolist(),
         "per_class": per_class,
@@ -174,9 +181,8 @@ def write_summaries(results: Mapping, model_dir: str, info: pipeline.DatasetInfo
 
 
 def _scalars(split_metrics: Mapping) -> Dict[str, float]:
-    values = {key: split_metrics[key] for key in ("accuracy", "loss") if key in split_metrics}
-    if "macro_avg" in split_metrics:
-        values["macro_f1"] = split_metrics["macro_avg"]["f1"]
+    values = {key: split_metrics[key] for key in
+              ("accuracy", "balanced_accuracy", "macro_f1", "loss") if key in split_metrics}
     if split_metrics.get("roc_auc") is not None:
         values["roc_auc"] = split_metrics["roc_auc"]
     return values
