@@ -388,5 +388,5 @@ def _summary(what: str, class_names: Sequence[str], images: Iterable[Image],
     if bad:
         line += f"; {len(bad)} bad rows skipped"
     if stray:
-        line += f"; {len(stray)} files outside class folders ignored"
+        line += f"; {len(stray)} file(s) outside class folders ignored"
     return line
