@@ -126,6 +126,7 @@ def run(data_dir: str, weights: str, out_dir: str, smoke: bool, work_dir: str,
         keep_fraction: float, command: str) -> Dict:
     """Runs (a) and (b); writes the results; returns the summary."""
     work_dir = work_dir or tempfile.mkdtemp(prefix="data_forms_")
+    os.makedirs(work_dir, exist_ok=True)
     if smoke:
         data_dir = demo_data.write_dataset(os.path.join(work_dir, "images"), ("circle", "square"),
                                            {"train": 20, "validation": 10}, size=32, seed=5)

@@ -80,6 +80,7 @@ def screen(info: pipeline.DatasetInfo, data_dir: str, report_path: str = "",
         return info
     paths = sorted({p for split in info.splits.values() for p in split.paths})
     converted_dir = converted_dir or tempfile.mkdtemp(prefix="converted_images_")
+    os.makedirs(converted_dir, exist_ok=True)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
         outcomes = {o.path: o for o in pool.map(lambda p: _check_one(p, converted_dir), paths)}
