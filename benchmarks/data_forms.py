@@ -44,7 +44,7 @@ from trainer.data import pipeline
 FLAGS = flags.FLAGS
 _ML_USE = {"train": "training", "validation": "validation"}
 SMOKE_FLAGS = ["--backbone=demo_cnn", "--weights=none", "--image_size=32", "--batch_size=8",
-               "--epochs=1", "--fine_tune_epochs=1", "--fine_tune_at=5",
+               "--epochs=2", "--fine_tune_epochs=0", "--fine_tune_at=5",
                "--learning_rate=1e-2", "--noaugment"]
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
