@@ -9,6 +9,7 @@ the train prior without weights, and rises far above it with ``balanced``
 (a softmax head learns the class prior it is shown).
 """
 
+import json
 import logging
 import os
 
@@ -132,3 +133,23 @@ def test_final_printout_shows_balanced_accuracy_and_macro_f1(capsys, make_config
     out = capsys.readouterr().out
     assert 'Balanced accuracy: {"validation": 0.5, "test": 0.5}' in out
     assert 'Macro F1: {"validation": 0.47, "test": 0.47}' in out
+
+
+def test_metrics_json_and_tensorboard_carry_balanced_accuracy_and_macro_f1(finished_job):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    config, metrics = finished_job
+    with open(f"{config.job_dir}/metrics.json") as f:
+        written = json.load(f)
+    for split in ("validation", "test"):
+        per_class = written[split]["per_class"].values()
+        assert written[split]["balanced_accuracy"] == pytest.approx(
+            np.mean([c["recall"] for c in per_class if c["support"]]))
+        assert written[split]["macro_f1"] == pytest.approx(np.mean([c["f1"] for c in per_class]))
+    events = event_accumulator.EventAccumulator(f"{config.log_dir}/evaluation",
+                                                size_guidance={"tensors": 0})
+    events.Reload()
+    for tag in ("test/balanced_accuracy", "test/macro_f1"):
+        [event] = events.Tensors(tag)
+        assert float(tf.make_ndarray(event.tensor_proto)) == pytest.approx(
+            written["test"][tag.split("/")[1]])

@@ -226,7 +226,8 @@ def write_metrics(metrics: Dict, path: str) -> None:
 
 
 def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test",),
-                   log_dir: str = "", test_fraction: float = 0.2, seed: int = 42) -> Dict:
+                   log_dir: str = "", test_fraction: float = 0.2, seed: int = 42,
+                   split_fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> Dict:
     """Evaluates an exported model on named splits of a data folder.
 
     Args:
@@ -237,6 +238,7 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
       test_fraction: without a test/ folder, the held-out share of validation
         (must match the training run's to get the same test split).
       seed: the hold-out seed (likewise).
+      split_fractions: how unassigned images were split (likewise).
 
     Returns:
       The metrics dict (as evaluate_splits).
@@ -245,7 +247,7 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
       ValueError: the model's classes differ from the data's, or a split is
         missing.
     """
-    info = pipeline.describe(data_dir, test_fraction, seed)
+    info = pipeline.describe(data_dir, test_fraction, seed, split_fractions)
     model_classes = export.read_class_names(model_dir)
     if list(info.class_names) != model_classes:
         raise ValueError(f"The model's classes {model_classes} differ from the classes of "
@@ -268,9 +270,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("model", None, "Exported model folder, local or gs://.", **fv)
     flags.DEFINE_string(
         "data_dir", None,
-        "Data folder, local or gs://, in any format training reads: image "
-        "folders (train/, validation/, optionally test/) or trainer.prepare "
-        "records.", **fv)
+        "Data, local or gs://, in any form training reads: image folders, "
+        "Vertex AI import files (.csv, .jsonl) or trainer.prepare records.", **fv)
     flags.DEFINE_list("splits", ["test"], "Comma-separated splits to evaluate.", **fv)
     flags.DEFINE_string(
         "output", "", "Write the metrics JSON to this file (local or gs://); "
@@ -284,6 +285,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "Without a test/ folder, the fraction of validation held out as test; "
         "use the training run's value to get the same images.", **fv)
     flags.DEFINE_integer("seed", 42, "Seed of that hold-out; use the training run's.", **fv)
+    flags.DEFINE_list(
+        "split_fractions", ["0.8", "0.1", "0.1"],
+        "train,validation,test shares of images without a split (class folders "
+        "only, unassigned import rows); use the training run's.", **fv)
     flags.mark_flags_as_required(["model", "data_dir"], flag_values=flag_values)
 
 
@@ -292,7 +297,8 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> Dict:
     try:
         results = evaluate_model(flag_values.model, flag_values.data_dir, flag_values.splits,
                                  flag_values.log_dir, flag_values.test_fraction,
-                                 flag_values.seed)
+                                 flag_values.seed,
+                                 tuple(float(f) for f in flag_values.split_fractions))
     except ValueError as e:  # Includes pipeline.DataError.
         raise app.UsageError(str(e)) from None
     if flag_values.output:
