@@ -17,7 +17,6 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from trainer import cluster
 from trainer import train

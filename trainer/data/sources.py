@@ -214,7 +214,7 @@ def _list_folders(root: str, layout: str, options: Options) -> Listing:
     folders, files = _entries(root)
     stray = [_join(root, name) for name in files]
     if layout == LAYOUT_SPLITS:
-        split_dirs = {split: name for split, name in _split_folders(root, folders).items()}
+        split_dirs = _split_folders(root, folders)
         stray += [_join(root, f) for f in folders if f not in split_dirs.values()]
     else:
         split_dirs = {"": ""}
