@@ -363,7 +363,7 @@ def test_class_folders_alone_are_split_by_fraction_and_seed(binary_dir, tmp_path
     flat = tmp_path / "flat"
     for class_name in ("circle", "square"):
         shutil.copytree(os.path.join(binary_dir, "train", class_name), flat / class_name)
-    args = ("--validation_fraction=0.25", "--test_fraction=0.34", "--min_shards=2")
+    args = ("--split_fractions=0.75,0.17,0.08", "--min_shards=2")
     assert run_prepare(flat, tmp_path / "a", *args) == 0
     assert run_prepare(flat, tmp_path / "b", *args) == 0
     manifest = records.read_manifest(str(tmp_path / "a"))

@@ -100,6 +100,11 @@ class Config:
     # Under "auto": the recipe knobs (recipe.KNOBS) the user set, which auto keeps.
     recipe_pinned: Tuple[str, ...] = ()
     head_learning_rates: Tuple[float, ...] = recipe_lib.HEAD_LEARNING_RATES
+    # Data as users have it (trainer/data/sources.py) and imbalanced classes.
+    split_fractions: Tuple[float, float, float] = (0.8, 0.1, 0.1)
+    strict: bool = False
+    flatten_nested: bool = False
+    class_weighting: str = "none"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -130,9 +135,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string(
         "data_dir", "",
         "Input data, local or gs://: a folder with train/ and validation/ "
-        "(optionally test/) of class-named image subfolders, or the output of "
-        "trainer.prepare (manifest.json + TFRecords). Empty: generate and train "
-        "on the embedded demo dataset.", **fv)
+        "(optionally test/; aliases training/, val/, valid/, testing/) of "
+        "class-named image subfolders; a folder of class folders only (split by "
+        "--split_fractions); Vertex AI import files (.csv or .jsonl, "
+        "comma-separated for several); or the output of trainer.prepare "
+        "(manifest.json + TFRecords). Empty: generate and train on the embedded "
+        "demo dataset.", **fv)
     flags.DEFINE_string(
         "job_dir", "job",
         "Root for outputs, local or gs://: model/, checkpoints/, logs/. "
@@ -260,6 +268,30 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "only jobs that ask for it risk failing at the end on a converter "
         "error, and `python -m trainer.tflite` converts any exported model "
         "later.", **fv)
+    _define_data_flags(fv)
+
+
+def _define_data_flags(fv: dict) -> None:
+    """Flags of how data is listed and weighed (trainer/data/sources.py, weighting.py)."""
+    flags.DEFINE_list(
+        "split_fractions", ["0.8", "0.1", "0.1"],
+        "train,validation,test fractions of each class for images without an "
+        "assigned split (a folder of class folders only; import-file rows "
+        "without ML_USE or with 'unassigned'), chosen by --seed; AutoML's "
+        "default 80/10/10.", **fv)
+    flags.DEFINE_bool(
+        "strict", False,
+        "Fail on the first bad import-file row (missing file, empty label, "
+        "unknown ML_USE, conflicting duplicate, label without training image) "
+        "instead of skipping bad rows with a report.", **fv)
+    flags.DEFINE_bool(
+        "flatten_nested", False,
+        "Take files in subfolders of a class folder as images of that class; "
+        "without it such a subfolder is an error naming it.", **fv)
+    flags.DEFINE_enum(
+        "class_weighting", "none", ("none", "balanced"),
+        "Per-example loss weights: 'none' (the recipe) or 'balanced' "
+        "(n / (k * n_class) from the train split's counts), in both phases.", **fv)
 
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
@@ -272,6 +304,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
     """
     environ = os.environ if environ is None else environ
     values = {name: flag_values[name].value for name in _flag_names()}
+    values["split_fractions"] = _fractions(values["split_fractions"])
     demo = not values["data_dir"]
     preset = set()
     if demo:
@@ -296,6 +329,14 @@ def _floats(name: str, texts) -> Tuple[float, ...]:
         return tuple(float(text) for text in texts)
     except ValueError:
         raise ConfigError(f"--{name}={','.join(texts)!r} must be comma-separated numbers.")
+
+
+def _fractions(values) -> Tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise ConfigError(f"--split_fractions={','.join(values)!r} must be three numbers, "
+                          "e.g. 0.8,0.1,0.1.") from None
 
 
 def _default_fine_tune_at(backbone: str) -> int:
@@ -375,6 +416,14 @@ def validate(config: Config, check_paths: bool = True) -> None:
         ("head_learning_rates", bool(config.head_learning_rates)
          and all(rate > 0 for rate in config.head_learning_rates),
          "must be one or more positive numbers"),
+        ("split_fractions", len(config.split_fractions) == 3
+         and all(f >= 0 for f in config.split_fractions)
+         and config.split_fractions[0] > 0 and config.split_fractions[1] > 0
+         and abs(sum(config.split_fractions) - 1.0) < 1e-6,
+         "must be train,validation,test fractions, train and validation above 0, "
+         "summing to 1"),
+        ("class_weighting", config.class_weighting in ("none", "balanced"),
+         "must be 'none' or 'balanced'"),
         ("tpu", not (config.tpu and config.strategy not in ("auto", "tpu")),
          f"is set but --strategy={config.strategy}; use --strategy=tpu or auto"),
     ]
@@ -402,18 +451,16 @@ def _validate_weights(weights: str) -> None:
 
 
 def _validate_data_dir(data_dir: str) -> None:
-    import tensorflow as tf
+    """That --data_dir names something with a layout (one listing of its top folder)."""
+    from trainer.data import sources
 
-    if not tf.io.gfile.isdir(data_dir):
-        raise ConfigError(f"--data_dir={data_dir!r}: no such folder.")
-    if tf.io.gfile.exists(f"{data_dir.rstrip('/')}/manifest.json"):
-        return
-    for split in ("train", "validation"):
-        if not tf.io.gfile.isdir(f"{data_dir.rstrip('/')}/{split}"):
-            raise ConfigError(
-                f"--data_dir={data_dir!r} has no {split}/ folder (expected "
-                "train/ and validation/ of class-named subfolders, or a "
-                "manifest.json from trainer.prepare).")
+    try:
+        sources.detect_layout(data_dir)
+    except sources.DataError as e:
+        raise ConfigError(f"--data_dir={data_dir!r}: {e} Expected train/ and validation/ "
+                          "of class-named subfolders, class folders alone, Vertex AI "
+                          "import files (.csv, .jsonl) or a manifest.json from "
+                          "trainer.prepare.") from None
 
 
 def write_config(config: Config, directory: str) -> str:

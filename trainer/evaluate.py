@@ -4,7 +4,8 @@ The final numbers of a run come from the exported SavedModel itself, read
 back with plain TensorFlow: they describe exactly what will be served, and
 they need no collective ops, so only the chief computes them.
 
-For each split: count, accuracy, cross-entropy loss, per-class precision,
+For each split: count, accuracy, balanced accuracy (mean per-class recall),
+macro F1, cross-entropy loss, per-class precision,
 recall and F1 (with their macro average), the confusion matrix (rows: true
 class) and, with two classes, ROC AUC for the second class. The TensorBoard
 summaries (one run, e.g. ``logs/evaluation``) hold those numbers as scalars,
@@ -56,16 +57,22 @@ def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
                            class_names: Sequence[str]) -> Dict:
-    """Accuracy, loss, per-class scores, confusion matrix (rows: true) and binary ROC AUC."""
+    """Accuracy, balanced accuracy, macro F1, loss, per-class scores, confusion matrix
+    (rows: true) and binary ROC AUC."""
     labels = np.asarray(labels, dtype=np.int64)
     predicted = probabilities.argmax(axis=-1)
     true_probability = probabilities[np.arange(len(labels)), labels]
     confusion = np.zeros((len(class_names), len(class_names)), dtype=int)
     np.add.at(confusion, (labels, predicted), 1)
     per_class = per_class_metrics(confusion, class_names)
+    present = [c for c in per_class.values() if c["support"]]
     metrics = {
         "count": int(len(labels)),
         "accuracy": float((predicted == labels).mean()),
+        # Mean recall over the classes present (scikit-learn's balanced_accuracy_score):
+        # what plain accuracy hides when one class dominates.
+        "balanced_accuracy": float(np.mean([c["recall"] for c in present])) if present else 0.0,
+        "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])),
         "loss": float(-np.log(np.clip(true_probability, 1e-7, 1.0)).mean()),
         "confusion_matrix": confusion.tolist(),
         "per_class": per_class,
@@ -174,9 +181,8 @@ def write_summaries(results: Mapping, model_dir: str, info: pipeline.DatasetInfo
 
 
 def _scalars(split_metrics: Mapping) -> Dict[str, float]:
-    values = {key: split_metrics[key] for key in ("accuracy", "loss") if key in split_metrics}
-    if "macro_avg" in split_metrics:
-        values["macro_f1"] = split_metrics["macro_avg"]["f1"]
+    values = {key: split_metrics[key] for key in
+              ("accuracy", "balanced_accuracy", "macro_f1", "loss") if key in split_metrics}
     if split_metrics.get("roc_auc") is not None:
         values["roc_auc"] = split_metrics["roc_auc"]
     return values
@@ -220,7 +226,8 @@ def write_metrics(metrics: Dict, path: str) -> None:
 
 
 def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test",),
-                   log_dir: str = "", test_fraction: float = 0.2, seed: int = 42) -> Dict:
+                   log_dir: str = "", test_fraction: float = 0.2, seed: int = 42,
+                   split_fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> Dict:
     """Evaluates an exported model on named splits of a data folder.
 
     Args:
@@ -231,6 +238,7 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
       test_fraction: without a test/ folder, the held-out share of validation
         (must match the training run's to get the same test split).
       seed: the hold-out seed (likewise).
+      split_fractions: how unassigned images were split (likewise).
 
     Returns:
       The metrics dict (as evaluate_splits).
@@ -239,7 +247,7 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
       ValueError: the model's classes differ from the data's, or a split is
         missing.
     """
-    info = pipeline.describe(data_dir, test_fraction, seed)
+    info = pipeline.describe(data_dir, test_fraction, seed, split_fractions)
     model_classes = export.read_class_names(model_dir)
     if list(info.class_names) != model_classes:
         raise ValueError(f"The model's classes {model_classes} differ from the classes of "
@@ -262,9 +270,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("model", None, "Exported model folder, local or gs://.", **fv)
     flags.DEFINE_string(
         "data_dir", None,
-        "Data folder, local or gs://, in any format training reads: image "
-        "folders (train/, validation/, optionally test/) or trainer.prepare "
-        "records.", **fv)
+        "Data, local or gs://, in any form training reads: image folders, "
+        "Vertex AI import files (.csv, .jsonl) or trainer.prepare records.", **fv)
     flags.DEFINE_list("splits", ["test"], "Comma-separated splits to evaluate.", **fv)
     flags.DEFINE_string(
         "output", "", "Write the metrics JSON to this file (local or gs://); "
@@ -278,6 +285,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "Without a test/ folder, the fraction of validation held out as test; "
         "use the training run's value to get the same images.", **fv)
     flags.DEFINE_integer("seed", 42, "Seed of that hold-out; use the training run's.", **fv)
+    flags.DEFINE_list(
+        "split_fractions", ["0.8", "0.1", "0.1"],
+        "train,validation,test shares of images without a split (class folders "
+        "only, unassigned import rows); use the training run's.", **fv)
     flags.mark_flags_as_required(["model", "data_dir"], flag_values=flag_values)
 
 
@@ -286,7 +297,8 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> Dict:
     try:
         results = evaluate_model(flag_values.model, flag_values.data_dir, flag_values.splits,
                                  flag_values.log_dir, flag_values.test_fraction,
-                                 flag_values.seed)
+                                 flag_values.seed,
+                                 tuple(float(f) for f in flag_values.split_fractions))
     except ValueError as e:  # Includes pipeline.DataError.
         raise app.UsageError(str(e)) from None
     if flag_values.output:

@@ -205,13 +205,15 @@ def _tag(images, labels, index):
 def distribute(strategy: tf.distribute.Strategy, cached: Cached,
                global_batch: int, training: bool, seed: int,
                context: tf.distribute.InputContext,
-               flipped: Optional[Tuple[tf.Tensor, ...]] = None
+               flipped: Optional[Tuple[tf.Tensor, ...]] = None,
+               class_weights: Optional[Sequence[float]] = None
                ) -> tf.distribute.DistributedDataset:
     """A distributed dataset over this worker's cached arrays.
 
     With ``flipped`` (the same arrays of the horizontally flipped images),
     each element takes either view with probability 1/2: the recipe's random
-    flip, exactly.
+    flip, exactly. With ``class_weights``, batches carry each example's
+    class weight as a third element, as the image pipeline's do.
     """
     arrays, labels = cached
 
@@ -230,6 +232,8 @@ def distribute(strategy: tf.distribute.Strategy, cached: Cached,
         if flipped is not None:
             ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed))).map(_either_view)
         ds = ds.batch(ctx.get_per_replica_batch_size(global_batch), drop_remainder=training)
+        if class_weights is not None:
+            ds = pipeline.with_sample_weights(ds, class_weights)
         if not training:
             ds = ds.repeat()  # Validation in fit: whole passes, a fixed step count.
         return ds.prefetch(tf.data.AUTOTUNE)
@@ -263,13 +267,17 @@ class FrozenWork:
         that phase 2 keeps the recipe's random flip (its random rotation is
         lost).
       max_bytes: largest frontier cache of this worker.
+      class_weights: a weight per class for the train data (sample weights),
+        or None.
     """
 
     def __init__(self, model: keras.Model, splits: Sequence[pipeline.Split],
                  strategy: tf.distribute.Strategy, info: cluster.ClusterInfo,
                  global_batch: int, seed: int, fine_tune_at: int, fine_tune_cache: bool,
-                 flip: bool, max_bytes: float):
+                 flip: bool, max_bytes: float,
+                 class_weights: Optional[Sequence[float]] = None):
         self._model, self._splits, self._strategy = model, list(splits), strategy
+        self._class_weights = class_weights
         self._global_batch, self._seed, self._flip = global_batch, seed, flip
         self._context = input_context(info, strategy)
         self._image_size = model.input_shape[1]
@@ -302,7 +310,7 @@ class FrozenWork:
     def _distribute(self, cached: List[Cached], flipped=None):
         train, validation = cached
         return [distribute(self._strategy, train, self._global_batch, True, self._seed,
-                           self._context, flipped),
+                           self._context, flipped, self._class_weights),
                 distribute(self._strategy, validation, self._global_batch, False, self._seed,
                            self._context)]
 

@@ -1,4 +1,5 @@
-"""Command line: image folders -> sharded TFRecords, a report and a manifest.
+"""Command line: image folders or Vertex AI import files -> sharded TFRecords, a report
+and a manifest.
 
     python -m trainer.prepare --input_dir=gs://bucket/images --output_dir=gs://bucket/prepared
     trainer-prepare --input_dir=... --output_dir=...   # the same, as a console script
@@ -27,8 +28,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     defaults = prepare_lib.Options()
     flags.DEFINE_string(
         "input_dir", None,
-        "Images, local or gs://: train/ and validation/ (optionally test/) of "
-        "class-named subfolders, or class-named subfolders alone.", **fv)
+        "Images, local or gs://: train/ and validation/ (optionally test/; "
+        "aliases training/, val/, valid/, testing/) of class-named subfolders; "
+        "class-named subfolders alone (split by --split_fractions); or Vertex "
+        "AI import files (.csv or .jsonl, comma-separated for several).", **fv)
     flags.DEFINE_string(
         "output_dir", None,
         "Where the shards, prepare_report.json and manifest.json go, local or "
@@ -52,15 +55,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "jpeg_quality", defaults.jpeg_quality,
         "JPEG quality (1-100) of converted or downscaled images; JPEGs already "
         "in RGB are stored unchanged.", **fv)
-    flags.DEFINE_float(
-        "validation_fraction", defaults.validation_fraction,
-        "Input of class folders alone: share of each class (by --seed) put in "
-        "the validation split.", **fv)
+    flags.DEFINE_list(
+        "split_fractions", [str(f) for f in defaults.split_fractions],
+        "train,validation,test fractions of each class for images without an "
+        "assigned split (class folders alone; import rows without ML_USE or "
+        "'unassigned'), chosen by --seed, as the trainer splits them.", **fv)
     flags.DEFINE_float(
         "test_fraction", defaults.test_fraction,
-        "Input without test/: share of each validation class (by --seed) held "
-        "out as the test split, as the trainer does for image folders; 0 "
-        "keeps no test split.", **fv)
+        "Input without any test image: share of each validation class (by "
+        "--seed) held out as the test split, as the trainer does; 0 keeps no "
+        "test split.", **fv)
+    flags.DEFINE_bool(
+        "strict", defaults.strict,
+        "Fail on the first bad import-file row instead of skipping bad rows "
+        "with a report.", **fv)
+    flags.DEFINE_bool(
+        "flatten_nested", defaults.flatten_nested,
+        "Take files in subfolders of a class folder as images of that class; "
+        "without it such a subfolder is an error naming it.", **fv)
     flags.DEFINE_integer(
         "seed", defaults.seed, "Seed of the split assignment and of the order within shards.",
         **fv)
@@ -79,9 +91,11 @@ def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> prepare_l
         workers=flag_values.workers,
         max_side=flag_values.max_side,
         jpeg_quality=flag_values.jpeg_quality,
-        validation_fraction=flag_values.validation_fraction,
+        split_fractions=tuple(float(f) for f in flag_values.split_fractions),
         test_fraction=flag_values.test_fraction,
         seed=flag_values.seed,
+        strict=flag_values.strict,
+        flatten_nested=flag_values.flatten_nested,
         overwrite=flag_values.overwrite,
         progress=flag_values.progress,
     )

@@ -49,9 +49,14 @@ def _main(argv):
 
 
 def _print_summary(config: config_lib.Config, metrics: dict) -> None:
-    accuracies = {split: round(metrics[split]["accuracy"], 4)
-                  for split in ("validation", "test") if split in metrics}
-    print(f"\nAccuracy: {json.dumps(accuracies)}")
+    splits = [split for split in ("validation", "test") if split in metrics]
+    print()
+    for key, name in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
+                      ("macro_f1", "Macro F1")):
+        values = {split: round(metrics[split][key], 4) for split in splits
+                  if key in metrics[split]}
+        if values:
+            print(f"{name}: {json.dumps(values)}")
     print(f"Model:       {config.model_dir}")
     print(f"Checkpoints: {config.checkpoint_dir}")
     print(f"Metrics:     {config.job_dir}/metrics.json")

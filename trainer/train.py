@@ -34,6 +34,8 @@ from trainer import recipe
 from trainer import schedules
 from trainer import tflite
 from trainer.data import pipeline
+from trainer.data import screen
+from trainer.data import weighting
 
 
 _OPTIMIZERS = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
@@ -58,11 +60,17 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
         "float32" if config.mixed_precision == "none" else config.mixed_precision)
 
     # ---------------------------------------------------------------- Input
-    data = pipeline.describe(config.data_dir, config.test_fraction, config.seed)
+    data = pipeline.describe(config.data_dir, config.test_fraction, config.seed,
+                             config.split_fractions, config.strict, config.flatten_nested)
+    data = screen.screen(data, config.data_dir,
+                         f"{config.job_dir}/{screen.REPORT}" if info.is_chief else "")
+    class_weights = weighting.class_weights(data.splits["train"].labels, data.class_names,
+                                            config.class_weighting)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     train_split = data.splits["train"]
     steps_per_epoch = max(1, math.ceil(train_split.count / global_batch))
-    train_data = _distribute(strategy, train_split, config, training=True)
+    train_data = _distribute(strategy, train_split, config, training=True,
+                             class_weights=class_weights)
     validation_data = _distribute(strategy, data.splits["validation"], config, training=False)
     validation_steps = _validation_steps(data.splits["validation"].count, global_batch)
     logging.info("Classes %s; %d train images, %d steps of %d per epoch.",
@@ -86,7 +94,7 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
         model, [train_split, data.splits["validation"]], strategy, info, global_batch,
         config.seed, config.fine_tune_at,
         config.fine_tune_cache and config.fine_tune_epochs > 0, config.augment,
-        config.fine_tune_cache_max_gb * 1e9)
+        config.fine_tune_cache_max_gb * 1e9, class_weights)
     run = functools.partial(_Runner, config=config, strategy=strategy, info=info,
                             num_classes=data.num_classes, global_batch=global_batch,
                             validation_steps=validation_steps)
@@ -150,7 +158,7 @@ def _validation_steps(count: int, global_batch: int) -> int:
     return max(1, math.ceil(count / global_batch))
 
 
-def _distribute(strategy, split, config, training):
+def _distribute(strategy, split, config, training, class_weights=None):
     # Under XLA, augmentation runs here rather than in the compiled model.
     augment = (model_lib.augmentation(config.seed)
                if training and config.augment and config.jit_compile else None)
@@ -161,7 +169,7 @@ def _distribute(strategy, split, config, training):
                 config.batch_size * strategy.num_replicas_in_sync),
             training=training, input_context=input_context, cache=config.cache,
             shuffle_buffer=config.shuffle_buffer, seed=config.seed, repeat=True,
-            augment=augment)
+            augment=augment, class_weights=class_weights)
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 

@@ -1,11 +1,19 @@
-"""Input pipelines: a data folder -> tf.data datasets for train and eval.
+"""Input pipelines: a data source -> tf.data datasets for train and eval.
 
-Two sources share one pipeline:
+Two kinds of source share one pipeline:
 
-* an image folder with ``train/``, ``validation/`` and optionally ``test/``,
-  each of class-named subfolders (small local runs, the demo);
+* image files, listed by :mod:`trainer.data.sources` from whatever the user
+  has (split folders and their aliases, class folders only, Vertex AI import
+  files) and screened by :mod:`trainer.data.screen` (small and medium runs,
+  the demo);
 * prepared TFRecords with a ``manifest.json`` (``trainer.prepare``), the
   format for large data and Cloud Storage.
+
+With per-class weights (``--class_weighting=balanced``), training batches
+are (images, labels, sample weights): the weights ride through ``tf.data``,
+so they work in both phases, with the feature caches and under every
+strategy (Keras's ``class_weight`` argument does not, with distributed
+datasets).
 
 The order, as one function reads it: list files -> shard per input pipeline
 (one per worker, by whole files) -> interleave parallel reads -> parse in
@@ -25,16 +33,16 @@ first was no faster, locally or from gs://, so it is an option only.
 
 import dataclasses
 import functools
-import random
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
 
 from trainer.data import records
+from trainer.data import sources
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
-SPLITS = ("train", "validation", "test")
+SPLITS = sources.SPLITS
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")  # What predict.py picks from a folder.
 _PARSE_BATCH = 128  # Records parsed at once.
 
 
@@ -59,61 +67,70 @@ class DatasetInfo:
 
     class_names: Tuple[str, ...]
     splits: Dict[str, Split]
+    # What the splits were listed from (None for prepared records): the data report.
+    listing: Optional[sources.Listing] = dataclasses.field(default=None, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-class DataError(ValueError):
-    """The data folder cannot be trained on; the message says why and where."""
+DataError = sources.DataError  # The data cannot be trained on; the message says why and where.
 
 
-def describe(data_dir: str, test_fraction: float = 0.2, seed: int = 42) -> DatasetInfo:
-    """Lists a data folder: class names and the files of each split.
+def describe(data_dir: str, test_fraction: float = 0.2, seed: int = 42,
+             split_fractions: Sequence[float] = sources.DEFAULT_FRACTIONS,
+             strict: bool = False, flatten_nested: bool = False) -> DatasetInfo:
+    """Lists what ``data_dir`` names: class names and the files of each split.
 
-    Without a test split, ``test_fraction`` of each validation class is held
-    out as test, chosen by ``seed`` (the tutorial holds out a fifth of its
-    validation batches).
+    ``data_dir`` is any form :mod:`trainer.data.sources` accepts (split or
+    class folders, import files) or prepared records. Without a test split,
+    ``test_fraction`` of each validation class is held out as test, chosen by
+    ``seed`` (the tutorial holds out a fifth of its validation batches);
+    unassigned images are split by ``split_fractions`` (train, validation,
+    test).
+
+    Raises:
+      DataError: the data cannot be trained on (the message names the file,
+        folder or import row).
     """
-    root = data_dir.rstrip("/")
-    if tf.io.gfile.exists(f"{root}/{records.MANIFEST}"):
-        return _describe_records(root)
-    class_names = tuple(sorted(
-        name.rstrip("/") for name in tf.io.gfile.listdir(f"{root}/train")
-        if tf.io.gfile.isdir(f"{root}/train/{name.rstrip('/')}")))
-    if len(class_names) < 2:
-        raise DataError(f"{root}/train needs at least 2 class subfolders, found {list(class_names)}.")
-    splits = {name: _list_images(root, name, class_names)
-              for name in SPLITS if tf.io.gfile.isdir(f"{root}/{name}")}
+    if sources.detect_layout(data_dir) == sources.LAYOUT_RECORDS:
+        return _describe_records(data_dir.rstrip("/"))
+    listing = sources.list_images(data_dir, sources.Options(
+        tuple(split_fractions), test_fraction, seed, strict, flatten_nested))
+    info = from_listing(listing)
+    check_classes(info, data_dir)
+    return info
+
+
+def from_listing(listing: sources.Listing) -> DatasetInfo:
+    """The DatasetInfo of a listing: its splits as paths and labels."""
+    splits = {}
+    for name in SPLITS:
+        images = listing.split(name)
+        if images or name != "test":
+            splits[name] = Split(name, len(images), tuple(i.path for i in images),
+                                 tuple(listing.label(i) for i in images))
+    return DatasetInfo(listing.class_names, splits, listing)
+
+
+def check_classes(info: DatasetInfo, data_dir: str) -> None:
+    """Raises DataError unless there are 2+ classes, each with images in train and validation."""
+    if info.num_classes < 2:
+        raise DataError(f"{data_dir} needs at least 2 classes, found {list(info.class_names)}.")
     for name in ("train", "validation"):
-        for label, class_name in enumerate(class_names):
-            if label not in splits[name].labels:
-                raise DataError(f"{root}/{name}/{class_name} holds no images.")
-    if "test" not in splits:
-        splits["validation"], splits["test"] = hold_out(splits["validation"], test_fraction, seed)
-    return DatasetInfo(class_names, splits)
-
-
-def _list_images(root: str, split: str, class_names: Sequence[str]) -> Split:
-    paths, labels = [], []
-    for label, class_name in enumerate(class_names):
-        folder = f"{root}/{split}/{class_name}"
-        if not tf.io.gfile.isdir(folder):
-            continue
-        for name in sorted(tf.io.gfile.listdir(folder)):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(f"{folder}/{name}")
-                labels.append(label)
-    return Split(split, len(paths), tuple(paths), tuple(labels))
+        present = set(info.splits[name].labels)
+        for label, class_name in enumerate(info.class_names):
+            if label not in present:
+                raise DataError(f"{data_dir}: class {class_name!r} has no images in {name}.")
 
 
 def hold_out(split: Split, fraction: float, seed: int,
              name: str = "test") -> Tuple[Split, Split]:
     """Splits off a deterministic, per-class fraction of a split.
 
-    ``trainer.prepare`` holds out its test split with this same function, so
-    prepared records and the image folder they came from split alike.
+    The same choice as the one :mod:`trainer.data.sources` makes for a
+    listing without test images (``sources.held_out``).
 
     Args:
       split: a split of image files (paths and labels).
@@ -125,17 +142,9 @@ def hold_out(split: Split, fraction: float, seed: int,
       (the rest of ``split``, the held-out split named ``name``), each in the
       original order.
     """
-    rng = random.Random(seed)
-    keep, hold = [], []
-    for label in sorted(set(split.labels)):
-        members = [i for i, y in enumerate(split.labels) if y == label]
-        rng.shuffle(members)
-        n_hold = int(round(len(members) * fraction))
-        hold += members[:n_hold]
-        keep += members[n_hold:]
+    keep, hold = sources.held_out(split.labels, fraction, seed)
 
     def subset(name, indices):
-        indices = sorted(indices)
         return Split(name, len(indices), tuple(split.paths[i] for i in indices),
                      tuple(split.labels[i] for i in indices))
 
@@ -243,7 +252,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
                  cache: str = "memory", shuffle_buffer: int = 10000,
                  seed: Optional[int] = None, deterministic: bool = True,
                  repeat: bool = False,
-                 augment: Optional[Callable] = None) -> tf.data.Dataset:
+                 augment: Optional[Callable] = None,
+                 class_weights: Optional[Sequence[float]] = None) -> tf.data.Dataset:
     """Batches of (uint8 images, int32 labels) for one pipeline.
 
     Images come as uint8 [batch, size, size, 3]; Keras models cast them to
@@ -269,6 +279,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
       deterministic: keep every parallel stage in order, so that with a
         ``seed`` each run yields the same elements in the same order; off,
         stages may hand on whichever element is ready first.
+      class_weights: a weight per class; batches then carry a third element,
+        each example's weight (``with_sample_weights``).
     """
     ds = _read_examples(split, image_size, input_context)
     if cache == "memory":
@@ -285,6 +297,14 @@ def make_dataset(split: Split, image_size: int, batch_size: int, training: bool,
         ds = ds.map(lambda images, labels: (augment(tf.cast(images, tf.float32), training=True),
                                             labels),
                     num_parallel_calls=tf.data.AUTOTUNE)
+    if class_weights is not None:
+        ds = with_sample_weights(ds, class_weights)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def with_sample_weights(ds: tf.data.Dataset, class_weights: Sequence[float]) -> tf.data.Dataset:
+    """(inputs, labels) batches -> (inputs, labels, each example's class weight)."""
+    weights = tf.constant(list(class_weights), tf.float32)
+    return ds.map(lambda inputs, labels: (inputs, labels, tf.gather(weights, labels)))

@@ -1,15 +1,18 @@
-"""Image folders (local or gs://) -> validated, converted, sharded TFRecords, a report, a manifest.
+"""Images as users have them (local or gs://) -> validated, converted, sharded TFRecords,
+a report, a manifest.
 
-The input is either
+The input is anything :mod:`trainer.data.sources` lists, the module that
+lists the trainer's ``--data_dir`` too, so both split alike, image for image:
 
-* ``train/`` and ``validation/`` (optionally ``test/``) of class-named
-  subfolders (layout ``splits``), or
-* class-named subfolders alone (layout ``class_folders``), split per class
-  into train and validation by ``validation_fraction`` and the seed.
+* ``train/`` and ``validation/`` (optionally ``test/``, and their aliases) of
+  class-named subfolders (layout ``splits``),
+* class-named subfolders alone (layout ``class_folders``), split per class by
+  ``split_fractions`` and the seed,
+* Vertex AI import files, .csv or .jsonl (layout ``import_files``); bad rows
+  are reported with their line (``--strict`` fails on the first).
 
-Without a ``test/`` folder, ``test_fraction`` of each validation class is
-held out as test by :func:`trainer.data.pipeline.hold_out`, the function the
-trainer applies to image folders, so both inputs split alike.
+Without any test image, ``test_fraction`` of each validation class is held
+out as test, as the trainer does.
 
 Steps: list every file -> assign splits -> plan shards (a seeded shuffle,
 dealt round-robin, so every shard mixes all classes) -> write the shards in
@@ -44,14 +47,14 @@ import tensorflow as tf
 from absl import logging
 
 from trainer.data import images
-from trainer.data import pipeline
 from trainer.data import records
+from trainer.data import sources
 
-SPLITS = ("train", "validation", "test")
+SPLITS = sources.SPLITS
 # Splits the trainer cannot do without: a class empty in one of them is an error.
 REQUIRED_SPLITS = ("train", "validation")
-LAYOUT_SPLITS = "splits"
-LAYOUT_CLASS_FOLDERS = "class_folders"
+LAYOUT_SPLITS = sources.LAYOUT_SPLITS
+LAYOUT_CLASS_FOLDERS = sources.LAYOUT_CLASS_FOLDERS
 _SIZE_SAMPLE = 64  # Files whose size is read to estimate a split's bytes.
 _READ_AHEAD = 8  # Files read ahead of decoding, per shard writer.
 
@@ -69,9 +72,11 @@ class Options:
     workers: int = 0
     max_side: int = 0
     jpeg_quality: int = 95
-    validation_fraction: float = 0.2
+    split_fractions: Tuple[float, float, float] = sources.DEFAULT_FRACTIONS
     test_fraction: float = 0.2
     seed: int = 42
+    strict: bool = False
+    flatten_nested: bool = False
     overwrite: bool = False
     progress: bool = True
 
@@ -83,7 +88,11 @@ class Options:
             ("workers", self.workers >= 0, "must be 0 (one per CPU) or more"),
             ("max_side", self.max_side >= 0, "must be 0 (no limit) or more"),
             ("jpeg_quality", 1 <= self.jpeg_quality <= 100, "must be in [1, 100]"),
-            ("validation_fraction", 0.0 < self.validation_fraction < 1.0, "must be in (0, 1)"),
+            ("split_fractions", len(self.split_fractions) == 3
+             and min(self.split_fractions) >= 0 and min(self.split_fractions[:2]) > 0
+             and abs(sum(self.split_fractions) - 1) < 1e-6,
+             "must be train,validation,test fractions, train and validation above 0, "
+             "summing to 1"),
             ("test_fraction", 0.0 <= self.test_fraction < 1.0, "must be in [0, 1)"),
         ]
         for name, ok, message in checks:
@@ -93,6 +102,10 @@ class Options:
     @property
     def num_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    def source_options(self) -> sources.Options:
+        return sources.Options(tuple(self.split_fractions), self.test_fraction, self.seed,
+                               self.strict, self.flatten_nested)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +121,13 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class Listing:
-    """What the input folder holds: classes, files by split, stray files."""
+    """What the input holds: classes, files with their splits, stray files, bad rows."""
 
     layout: str
     class_names: Tuple[str, ...]
     sources: Tuple[Source, ...]
     stray: Tuple[str, ...]
+    bad_rows: Tuple[sources.Problem, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,90 +163,37 @@ def _join(folder: str, name: str) -> str:
     return f"{folder.rstrip('/')}/{name.rstrip('/')}"
 
 
-def _subfolders(folder: str) -> Tuple[List[str], List[str]]:
-    """(sorted subfolder names, sorted other entry names) of a folder."""
-    folders, others = [], []
-    for name in sorted(tf.io.gfile.listdir(folder)):
-        name = name.rstrip("/")
-        (folders if tf.io.gfile.isdir(_join(folder, name)) else others).append(name)
-    return folders, others
-
-
-def list_input(input_dir: str) -> Listing:
-    """Lists every file of the input folder by layout, split and class.
+def list_input(input_dir: str, options: "Options" = None) -> Listing:
+    """Lists every file of the input by split and class (through :mod:`sources`).
 
     Files inside class folders are listed whatever their name (each is
-    validated later); anything else is reported as stray. Subfolders of a
-    class folder are listed too and fail to read, so they show in the report.
+    validated later), except hidden files and OS droppings; anything else is
+    reported as stray.
     """
-    root = input_dir.rstrip("/")
-    if not tf.io.gfile.isdir(root):
-        raise PrepareError(f"input_dir {root!r}: no such folder.")
-    if tf.io.gfile.exists(_join(root, records.MANIFEST)):
-        raise PrepareError(f"input_dir {root!r} holds a {records.MANIFEST}: it is already "
-                           "prepared; point the trainer's --data_dir at it.")
-    folders, others = _subfolders(root)
-    if "train" in folders:
-        if "validation" not in folders:
-            raise PrepareError(f"input_dir {root!r} has train/ but no validation/ folder.")
-        split_dirs = {split: _join(root, split) for split in SPLITS if split in folders}
-        layout = LAYOUT_SPLITS
-        stray = [_join(root, n) for n in others + [f for f in folders if f not in SPLITS]]
-    else:
-        split_dirs = {"": root}
-        layout = LAYOUT_CLASS_FOLDERS
-        stray = [_join(root, n) for n in others]
-    classes_by_split = {}
-    for split, folder in split_dirs.items():
-        classes_by_split[split], split_others = _subfolders(folder)
-        if split:
-            stray += [_join(folder, n) for n in split_others]
-    class_names = tuple(sorted(set().union(*classes_by_split.values())))
-    if not class_names:
-        raise PrepareError(f"input_dir {root!r} holds no class folders.")
-    sources = []
-    for split, folder in split_dirs.items():
-        for label, class_name in enumerate(class_names):
-            if class_name not in classes_by_split[split]:
-                continue
-            class_dir = _join(folder, class_name)
-            for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(class_dir)):
-                path = _join(class_dir, name)
-                sources.append(Source(path, path[len(root) + 1:], split, label, class_name))
-    return Listing(layout, class_names, tuple(sources), tuple(stray))
+    options = options or Options()
+    try:
+        layout = sources.detect_layout(input_dir)
+        if layout == sources.LAYOUT_RECORDS:
+            raise PrepareError(f"input_dir {input_dir!r} holds a {records.MANIFEST}: it is "
+                               "already prepared; point the trainer's --data_dir at it.")
+        listed = sources.list_images(input_dir, options.source_options())
+    except sources.DataError as e:
+        raise PrepareError(f"input_dir: {e}") from None
+    return Listing(
+        listed.layout, listed.class_names,
+        tuple(Source(i.path, i.relative, i.split, listed.label(i), i.class_name)
+              for i in listed.images),
+        listed.stray, listed.bad_rows)
 
 
 # ------------------------------------------------------------- Splits, shards
 
 
-def _as_split(name: str, sources: Sequence[Source]) -> pipeline.Split:
-    return pipeline.Split(name, len(sources), tuple(s.path for s in sources),
-                          tuple(s.label for s in sources))
-
-
-def _take(split: pipeline.Split, by_path: Dict[str, Source], name: str) -> List[Source]:
-    return [dataclasses.replace(by_path[path], split=name) for path in split.paths]
-
-
 def assign_splits(listing: Listing, options: Options) -> Dict[str, List[Source]]:
-    """Files of each split; class-folder inputs are split by the options' fractions."""
-    by_path = {s.path: s for s in listing.sources}
-    if listing.layout == LAYOUT_CLASS_FOLDERS:
-        train, validation = pipeline.hold_out(
-            _as_split("train", listing.sources), options.validation_fraction, options.seed,
-            name="validation")
-        splits = {"train": _take(train, by_path, "train"),
-                  "validation": _take(validation, by_path, "validation")}
-    else:
-        splits = {name: [s for s in listing.sources if s.split == name] for name in SPLITS}
-        splits = {name: files for name, files in splits.items()
-                  if files or name in REQUIRED_SPLITS}
-    if "test" not in splits and options.test_fraction > 0:
-        validation, test = pipeline.hold_out(
-            _as_split("validation", splits["validation"]), options.test_fraction, options.seed)
-        splits["validation"] = _take(validation, by_path, "validation")
-        splits["test"] = _take(test, by_path, "test")
-    return splits
+    """Files of each split, as the listing assigned them (train and validation always)."""
+    del options  # The listing has split them already (sources._assign).
+    splits = {name: [s for s in listing.sources if s.split == name] for name in SPLITS}
+    return {name: files for name, files in splits.items() if files or name in REQUIRED_SPLITS}
 
 
 def _estimate_bytes(sources: Sequence[Source], pool) -> int:
@@ -443,13 +404,15 @@ def build_report(input_dir: str, output_dir: str, listing: Listing,
     skipped, converted = entries(images.SKIPPED), entries(images.CONVERTED)
     skipped += [{"path": p, "split": "", "class": "", "reason": "not in a class folder"}
                 for p in listing.stray]
+    bad_rows = [{"where": p.where, "reason": p.reason} for p in listing.bad_rows]
     return {
         "input_dir": input_dir, "output_dir": output_dir, "layout": listing.layout,
         "summary": {"files": len(outcomes) + len(listing.stray),
                     "written": sum(written.values()), "converted": len(converted),
-                    "skipped": len(skipped), "leakage_groups": len(leakage),
+                    "skipped": len(skipped), "bad_rows": len(bad_rows),
+                    "leakage_groups": len(leakage),
                     "duplicate_groups": len(duplicates)},
-        "skipped": skipped, "converted": converted, "leakage": leakage,
+        "skipped": skipped, "converted": converted, "bad_rows": bad_rows, "leakage": leakage,
         "duplicates": duplicates, "empty_classes": empty, "errors": errors,
     }
 
@@ -490,6 +453,8 @@ def log_summary(report: Dict, report_path: str, limit: int = 10) -> None:
     summary = report["summary"]
     logging.info("%d files: %d written (%d converted), %d skipped.", summary["files"],
                  summary["written"], summary["converted"], summary["skipped"])
+    for entry in report["bad_rows"][:limit]:
+        logging.warning("  bad row %s: %s", entry["where"], entry["reason"])
     for kind in ("skipped", "converted"):
         for entry in report[kind][:limit]:
             logging.info("  %s %s: %s", kind, entry["path"], entry["reason"])
@@ -544,7 +509,7 @@ def prepare(input_dir: str, output_dir: str, options: Options = Options()) -> Re
     options.validate()
     input_dir, output_dir = input_dir.rstrip("/"), output_dir.rstrip("/")
     _check_folders(input_dir, output_dir)
-    listing = list_input(input_dir)
+    listing = list_input(input_dir, options)
     splits = assign_splits(listing, options)
     workers = options.num_workers
     with concurrent.futures.ThreadPoolExecutor(max(8, 4 * workers)) as read_pool:
