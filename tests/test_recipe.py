@@ -189,6 +189,11 @@ def test_auto_runs_end_to_end_and_resumes_without_searching_again(binary_dir, tm
     assert [row["learning_rate"] for row in search] == [1e-3, 1e-2]
     chosen = min(search, key=lambda row: row["val_loss"])["learning_rate"]
     one, two = metrics["recipe"]["phases"]
+    # The chosen run's epochs, then phase 2's, in every history list alike.
+    history = metrics["history"]
+    assert {len(values) for values in history.values()} == {len(history["loss"])}
+    assert history["phase"] == [1.0] * two["first_epoch"] + [2.0] * (
+        len(history["loss"]) - two["first_epoch"])
     assert one["learning_rate"] == chosen
     assert two["learning_rate"] == pytest.approx(recipe.FINE_TUNE_RATIO * chosen)
 

@@ -256,7 +256,9 @@ class _Runner:
             self.model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                                jit_compile=config.jit_compile)
         if trial:
-            callbacks = [callbacks_lib.StopOnSigterm(),
+            # EpochExtras: the chosen run's history has every key that phase 2's has.
+            callbacks = [callbacks_lib.EpochExtras(phase.number, self.global_batch),
+                         callbacks_lib.StopOnSigterm(),
                          callbacks_lib.RestoreBest(phase.patience),
                          keras.callbacks.TensorBoard(
                              f"{config.log_dir}/search/lr_{phase.learning_rate:g}",
