@@ -254,3 +254,42 @@ def test_tuning_trials_report_the_restored_epoch_last(tmp_path, monkeypatch):
     reports = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["val_accuracy"], r["global_step"]) for r in reports] == [
         ("0.9", "11"), ("0.95", "12"), ("0.93", "13"), ("0.95", "14")]
+
+
+# ------------------------------------------------------------------ Input side
+
+
+def test_auto_trains_at_the_native_size_only_when_the_images_are_that_large(binary_dir):
+    auto = _parse([], binary_dir)
+    assert recipe.image_size(auto, 224, median_short_side=300) == 224
+    assert recipe.image_size(auto, 224, median_short_side=223) == 160
+    assert recipe.image_size(auto, None, median_short_side=300) == 160  # No native size.
+    assert recipe.image_size(_parse(["--image_size=192"], binary_dir), 224, 300) == 192
+    assert recipe.image_size(_parse(["--recipe=tutorial"], binary_dir), 224, 300) == 160
+
+
+def _photos(root, sizes):
+    from PIL import Image
+
+    for i, (width, height) in enumerate(sizes):
+        for split in ("train", "validation"):
+            for name in ("a", "b"):
+                folder = root / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (width, height), (i * 20, 90, 200)).save(folder / f"{i}.png")
+    return root
+
+
+def test_median_short_side_reads_files_and_prepared_records(tmp_path):
+    from trainer.data import image_sizes
+    from trainer.data import pipeline
+    from trainer.data import prepare
+
+    data = _photos(tmp_path / "photos", [(300, 240), (500, 400), (260, 900)])
+    split = pipeline.describe(str(data)).splits["train"]
+    assert image_sizes.median_short_side(split) == 260  # Short sides 240, 400, 260 twice each.
+    result = prepare.prepare(str(data), str(tmp_path / "records"),
+                             prepare.Options(min_shards=1, progress=False))
+    assert result.ok
+    records_split = pipeline.describe(str(tmp_path / "records")).splits["train"]
+    assert records_split.is_records and image_sizes.median_short_side(records_split) == 260

@@ -32,11 +32,14 @@ class Backbone:
       rescale: (scale, offset) mapping [0, 255] to the backbone's input range,
         or None when the backbone preprocesses inside itself.
       fine_tune_at: default first layer unfrozen in phase 2.
+      native_size: the input side its ImageNet weights were trained at, or
+        None (no pre-trained weights).
     """
 
     build: Callable[[Tuple[int, int, int], Optional[str]], keras.Model]
     rescale: Optional[Tuple[float, float]]
     fine_tune_at: int
+    native_size: Optional[int] = 224
 
 
 def _build_demo_cnn(input_shape, weights):
@@ -87,7 +90,7 @@ BACKBONES = {
         None, 177),
     "resnet50_v2": Backbone(  # 190 layers; 120 starts conv4_block4.
         _application(keras.applications.ResNet50V2), _TO_MINUS_ONE_ONE, 120),
-    "demo_cnn": Backbone(_build_demo_cnn, _TO_MINUS_ONE_ONE, 6),  # Blocks 2-4.
+    "demo_cnn": Backbone(_build_demo_cnn, _TO_MINUS_ONE_ONE, 6, native_size=None),  # Blocks 2-4.
 }
 
 

@@ -33,6 +33,7 @@ from trainer import model as model_lib
 from trainer import recipe
 from trainer import schedules
 from trainer import tflite
+from trainer.data import image_sizes
 from trainer.data import pipeline
 from trainer.data import screen
 from trainer.data import weighting
@@ -66,6 +67,7 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
                          f"{config.job_dir}/{screen.REPORT}" if info.is_chief else "")
     class_weights = weighting.class_weights(data.splits["train"].labels, data.class_names,
                                             config.class_weighting)
+    config = _choose_image_size(config, data.splits["train"])
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     train_split = data.splits["train"]
     steps_per_epoch = max(1, math.ceil(train_split.count / global_batch))
@@ -142,6 +144,18 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     if config.export_tflite:
         tflite.export_tflite(config.model_dir, f"{config.job_dir}/tflite")
     return metrics
+
+
+def _choose_image_size(config: config_lib.Config, train: pipeline.Split) -> config_lib.Config:
+    """The config with the input side ``recipe.image_size`` chooses (logged when it changes)."""
+    native = model_lib.BACKBONES[config.backbone].native_size
+    if config.recipe != recipe.AUTO or "image_size" in config.recipe_pinned or not native:
+        return config
+    median = image_sizes.median_short_side(train)
+    size = recipe.image_size(config, native, median)
+    logging.info("--recipe=auto: train images' median shorter side %s px: input side %d%s.",
+                 median, size, " (the backbone's native size)" if size == native else "")
+    return config.replace(image_size=size)
 
 
 def _validation_steps(count: int, global_batch: int) -> int:
