@@ -17,6 +17,8 @@ import tensorflow as tf  # noqa: E402
 from trainer import config as config_lib
 from trainer.data import demo as demo_data
 
+import learnable  # tests/learnable.py
+
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -39,6 +41,12 @@ def binary_dir(tmp_path_factory):
     return demo_data.write_dataset(str(root), ("circle", "square"),
                                    {"train": 12, "validation": 6, "test": 4},
                                    size=TINY_SIZE, seed=2)
+
+
+@pytest.fixture(scope="session")
+def colour_dir(tmp_path_factory):
+    """Three colour classes of 32-px JPEG shapes that a short run learns (tests/learnable.py)."""
+    return learnable.write_dataset(str(tmp_path_factory.mktemp("colours")))
 
 
 def tiny_config(data_dir, job_dir, **overrides):
