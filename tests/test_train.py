@@ -97,10 +97,15 @@ def test_rerunning_a_finished_job_resumes_to_export(finished_run):
     assert not tf.io.gfile.exists(f"{config.model_dir}.previous")
 
 
-@pytest.mark.parametrize("fine_tune_at, fine_tune_cache", [(0, False), (100, True)])
-def test_batchnorm_statistics_never_change(binary_dir, tmp_path, fine_tune_at, fine_tune_cache):
+@pytest.mark.parametrize("fine_tune_at, feature_cache, fine_tune_cache", [
+    (100, True, True), (100, True, False), (100, False, True), (100, False, False),
+    (0, False, False)])
+def test_batchnorm_statistics_never_change(binary_dir, tmp_path, fine_tune_at, feature_cache,
+                                           fine_tune_cache):
     """Moving mean/variance of the backbone are identical before and after both phases,
-    whether phase 2 reads images or the cached frontier of the frozen layers."""
+    on every path: phase 1 on cached features or on images (the tutorial's path),
+    phase 2 on the cached frontier of the frozen layers or on images, and with
+    the whole backbone unfrozen."""
     base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False,
                                           weights=None)
     rng = np.random.default_rng(0)
@@ -113,7 +118,8 @@ def test_batchnorm_statistics_never_change(binary_dir, tmp_path, fine_tune_at, f
     before = {v.name: v.numpy() for v in base.weights}
 
     config = tiny_config(binary_dir, tmp_path / "job", weights=weights,
-                         fine_tune_at=fine_tune_at, fine_tune_cache=fine_tune_cache,
+                         fine_tune_at=fine_tune_at, feature_cache=feature_cache,
+                         fine_tune_cache=fine_tune_cache,
                          fine_tune_learning_rate=1e-3)
     train.train_and_evaluate(config, tf.distribute.get_strategy())
 
