@@ -95,9 +95,11 @@ def test_early_stopping_restores_the_best_epochs_weights(colour_dir, tmp_path, m
     val_loss = metrics["history"]["val_loss"]
     assert len(val_loss) == 3, val_loss  # Stopped after the one epoch without improvement.
     assert val_loss[1] < val_loss[0] and val_loss[2] > val_loss[1], val_loss
+    # The exported model's logit kernel: its one variable of that shape ([128, 3]).
     exported = tf.train.load_checkpoint(f"{config.model_dir}/variables/variables")
-    kernel = next(exported.get_tensor(k) for k in exported.get_variable_to_shape_map()
-                  if "logits" in k and "kernel" in k and "OPTIMIZER" not in k)
+    shape = list(logits_by_epoch[0][0].shape)
+    [kernel] = [exported.get_tensor(k) for k, v in exported.get_variable_to_shape_map().items()
+                if v == shape and "OPTIMIZER" not in k]
     np.testing.assert_array_equal(kernel, logits_by_epoch[1][0])
     assert not np.allclose(kernel, logits_by_epoch[2][0])
     # Keras's val_loss and evaluate's loss of the exported model, same images.
