@@ -43,7 +43,8 @@ def _frozen_forward(results):
 def _input_pipeline(results):
     assert results["images"] == 48
     rates = results["images_per_second"]
-    assert {"decode_limit", "ours_local", "tutorial_local", "ours_gcs", "tutorial_gcs"} <= set(rates)
+    assert {"decode_limit", "ours_local", "tutorial_local", "ours_gcs",
+            "tutorial_gcs"} <= set(rates)
     assert [t["target"] for t in results["targets"]][0].startswith("ours_local")
 
 

@@ -140,16 +140,6 @@ def test_batchnorm_statistics_never_change(binary_dir, tmp_path, fine_tune_at, f
         np.testing.assert_array_equal(before[name], after[name], err_msg=name)
 
 
-def test_mirrored_strategy_over_two_cpus_trains(shapes_dir, tmp_path):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    config = tiny_config(shapes_dir, tmp_path / "job", strategy="mirrored", fine_tune_epochs=0)
-    metrics = train.train_and_evaluate(config, strategy)
-    assert strategy.num_replicas_in_sync == 2
-    assert metrics["class_names"] == ["circle", "square", "triangle"]
-    assert metrics["validation"]["count"] + metrics["test"]["count"] == 18
-    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
-
-
 def test_phases_follow_the_recipe():
     from absl import flags
     from trainer import config as config_lib
