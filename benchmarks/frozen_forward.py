@@ -12,6 +12,10 @@ rounds of the same run. Also reports process CPU-seconds per image, which
 this machine's slow spells (when it gets about one core) do not change, and
 the largest difference between the two sides' features. Results go to
 benchmarks/results/frozen_forward.{json,md}.
+
+``--smoke`` runs the same code at toy size in seconds (32 px, batch 8,
+random weights, one short round) to check that the benchmark still works;
+the test suite runs it (tests/test_benchmarks.py). Its figures mean nothing.
 """
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -38,18 +42,23 @@ flags.DEFINE_integer("rounds", 5, "Alternating rounds of (a) and (b).")
 flags.DEFINE_float("seconds", 4.0, "Length of one measurement.")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where frozen_forward.json and .md are written.")
+flags.DEFINE_bool("smoke", False,
+                  "Toy size in seconds (32 px, batch 8, random weights, 1 round of 0.2 s): "
+                  "checks that the benchmark runs; its figures mean nothing.")
 
 BATCH = 64
 SIZE = 160
+SMOKE = dict(size=32, batch=8, rounds=1, seconds=0.2)
 
 
-def _measure(forward, images) -> dict:
-    """images/s and CPU-seconds per image over about FLAGS.seconds."""
+def _measure(forward, images, seconds: float) -> dict:
+    """images/s and CPU-seconds per image over about ``seconds``."""
     forward(images).numpy()  # Warm up: the first call builds the kernels.
+    batch = int(images.shape[0])
     count, cpu, start = 0, os.times(), time.perf_counter()
-    while time.perf_counter() - start < FLAGS.seconds:
+    while time.perf_counter() - start < seconds:
         forward(images).numpy()
-        count += BATCH
+        count += batch
     wall, end = time.perf_counter() - start, os.times()
     cpu_seconds = end.user + end.system - cpu.user - cpu.system
     return {"images_per_second": count / wall, "cpu_ms_per_image": 1e3 * cpu_seconds / count}
@@ -57,7 +66,13 @@ def _measure(forward, images) -> dict:
 
 def main(argv):
     del argv
-    model = model_lib.create_model("mobilenet_v2", 2, SIZE, 0.2, weights=FLAGS.weights,
+    if not (FLAGS.weights or FLAGS.smoke):
+        raise app.UsageError("--weights is required (or --smoke).")
+    sizes = SMOKE if FLAGS.smoke else dict(size=SIZE, batch=BATCH, rounds=FLAGS.rounds,
+                                           seconds=FLAGS.seconds)
+    size, batch, seconds = sizes["size"], sizes["batch"], sizes["seconds"]
+    weights = None if FLAGS.smoke else FLAGS.weights
+    model = model_lib.create_model("mobilenet_v2", 2, size, 0.2, weights=weights,
                                    augment=False)
     start = time.perf_counter()
     folded = folding.fold_batch_norm(model_lib.get_backbone(model))
@@ -66,14 +81,14 @@ def main(argv):
              "folded": features.pooled_model(model, folded)}
     forwards = {name: tf.function(lambda x, m=m: m(x, training=False))
                 for name, m in sides.items()}
-    images = tf.constant(np.random.default_rng(0).integers(0, 256, [BATCH, SIZE, SIZE, 3],
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, [batch, size, size, 3],
                                                            dtype=np.uint8))
     expected, got = (forwards[name](images).numpy() for name in ("backbone", "folded"))
     difference = float(np.abs(got - expected).max() / np.abs(expected).max())
 
     rounds = []
-    for _ in range(FLAGS.rounds):
-        result = {name: _measure(forward, images) for name, forward in forwards.items()}
+    for _ in range(sizes["rounds"]):
+        result = {name: _measure(forward, images, seconds) for name, forward in forwards.items()}
         result["speedup"] = (result["folded"]["images_per_second"]
                              / result["backbone"]["images_per_second"])
         result["cpu_ratio"] = (result["folded"]["cpu_ms_per_image"]
@@ -90,13 +105,14 @@ def main(argv):
         "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rounds),
     }
     print(json.dumps(summary, indent=2))
-    _write(rounds, summary, "python -m benchmarks.frozen_forward " + " ".join(sys.argv[1:]))
+    _write(rounds, summary, "python -m benchmarks.frozen_forward " + " ".join(sys.argv[1:]),
+           size, batch)
 
 
-def _write(rounds, summary, command):
+def _write(rounds, summary, command, size, batch):
     lines = ["# Frozen backbone forward pass: BatchNorm folded or not", "", "```", command,
              "```", "", f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, MobileNetV2 "
-             f"{SIZE} px, batch {BATCH}, uint8 images in memory -> pooled features.", "",
+             f"{size} px, batch {batch}, uint8 images in memory -> pooled features.", "",
              "| round | backbone (img/s) | folded (img/s) | speedup | "
              "CPU ms/image, backbone | folded | CPU ratio |", "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rounds):
@@ -115,5 +131,4 @@ def _write(rounds, summary, command):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["weights"])
     app.run(main)

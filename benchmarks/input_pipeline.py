@@ -38,6 +38,11 @@ bound by one request per file and runs once, over its first
 ``--gcs_tutorial_batches`` batches. The emulator's own work (fake-gcs-server
 and the TLS proxy, which real Cloud Storage does elsewhere) runs on the same
 CPUs as the decoding it feeds.
+
+``--smoke`` runs every measurement at toy size in seconds (generated shapes
+in a temporary folder, 32 px, one round, no emulator delay) to check that the
+benchmark still works; the test suite runs it (tests/test_benchmarks.py).
+Its figures mean nothing.
 """
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -67,6 +72,7 @@ from absl import logging  # noqa: E402
 from google.auth.credentials import AnonymousCredentials  # noqa: E402
 from google.cloud import storage  # noqa: E402
 
+from trainer.data import demo as demo_data  # noqa: E402
 from trainer.data import pipeline  # noqa: E402
 from trainer.data import prepare as prepare_lib  # noqa: E402
 from trainer.data import records  # noqa: E402
@@ -94,6 +100,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("delay_ms", 30.0, "Emulator delay before each request, milliseconds.",
                        **fv)
     flags.DEFINE_bool("gcs", True, "Also measure from gs:// through the emulator.", **fv)
+    flags.DEFINE_bool(
+        "smoke", False,
+        "Toy size in seconds (generated data in a temporary folder, 32 px, 1 round, no "
+        "delay): checks that the benchmark runs; its figures mean nothing.", **fv)
+
+
+# --smoke: these flag values, and generated data.
+SMOKE = dict(image_size=32, batch_size=8, cached_epochs=1, rounds=1, gcs_tutorial_batches=2,
+             delay_ms=0.0)
 
 
 # ---------------------------------------------------------------- Measuring
@@ -331,8 +346,21 @@ def summarize(runs: Dict[str, list], pick=_median) -> Dict:
 
 def _main(argv):
     del argv
+    if FLAGS.smoke:
+        with tempfile.TemporaryDirectory(prefix="input_pipeline_smoke_") as folder:
+            for name, value in SMOKE.items():
+                setattr(FLAGS, name, value)
+            FLAGS.work_dir = f"{folder}/work"
+            FLAGS.data_dir = demo_data.write_dataset(
+                f"{folder}/data", ("circle", "square"), {"train": 24, "validation": 8}, size=48)
+            _benchmark()
+        return
     if not FLAGS.data_dir:
-        raise app.UsageError("--data_dir is required.")
+        raise app.UsageError("--data_dir is required (or --smoke).")
+    _benchmark()
+
+
+def _benchmark():
     data_dir = FLAGS.data_dir.rstrip("/")
     size, batch = FLAGS.image_size, FLAGS.batch_size
     split = _prepare(data_dir, FLAGS.work_dir)

@@ -17,6 +17,8 @@ import tensorflow as tf  # noqa: E402
 from trainer import config as config_lib
 from trainer.data import demo as demo_data
 
+import learnable  # tests/learnable.py
+
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -39,6 +41,12 @@ def binary_dir(tmp_path_factory):
     return demo_data.write_dataset(str(root), ("circle", "square"),
                                    {"train": 12, "validation": 6, "test": 4},
                                    size=TINY_SIZE, seed=2)
+
+
+@pytest.fixture(scope="session")
+def colour_dir(tmp_path_factory):
+    """Three colour classes of 32-px JPEG shapes that a short run learns (tests/learnable.py)."""
+    return learnable.write_dataset(str(tmp_path_factory.mktemp("colours")))
 
 
 def tiny_config(data_dir, job_dir, **overrides):
@@ -97,6 +105,19 @@ def finished_job(tmp_path_factory):
     config = tiny_config(data_dir, root / "job", backbone="demo_cnn", fine_tune_at=5,
                          lr_schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1,
                          early_stopping_patience=2, export_tflite=True)
+    metrics = train.train_and_evaluate(config, cluster.create_strategy("one_device"))
+    return config, metrics
+
+
+@pytest.fixture(scope="session")
+def learned_job(colour_dir, tmp_path_factory):
+    """A job that learned: the colour task on the default (cached) path, one device,
+    with TFLite export: (config, metrics). See tests/learnable.py."""
+    from trainer import cluster
+    from trainer import train
+
+    config = tiny_config(colour_dir, tmp_path_factory.mktemp("learned") / "job",
+                         export_tflite=True, **learnable.SETTINGS)
     metrics = train.train_and_evaluate(config, cluster.create_strategy("one_device"))
     return config, metrics
 

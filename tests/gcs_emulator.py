@@ -442,6 +442,10 @@ def _handle_client(sock, context, upstream_port: int, delay_s: float,
         sock.close()
 
 
+class ServerExited(RuntimeError):
+    """fake-gcs-server ended before it served (typically: its port was taken)."""
+
+
 def _start_server(port: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [_server_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
@@ -451,7 +455,8 @@ def _start_server(port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"fake-gcs-server exited with status {server.returncode}.")
+            raise ServerExited(f"fake-gcs-server exited with status {server.returncode} "
+                               f"(port {port} taken?).")
         try:
             with _direct_opener().open(f"http://127.0.0.1:{port}/storage/v1/b", timeout=1):
                 return server
@@ -459,6 +464,22 @@ def _start_server(port: int) -> subprocess.Popen:
             time.sleep(0.05)
     server.kill()
     raise RuntimeError("fake-gcs-server was not ready after 20 s.")
+
+
+def _start_server_on_a_free_port(attempts: int = 5):
+    """(port, process) of a started fake-gcs-server.
+
+    Its port is picked free, then released for the server to bind, so another
+    process may take it in between; the server then exits at once, and a new
+    port is tried.
+    """
+    for attempt in range(attempts):
+        port = _free_port()
+        try:
+            return port, _start_server(port)
+        except ServerExited:
+            if attempt == attempts - 1:
+                raise
 
 
 def _listen(cert: str, key: str, upstream_port: int, delay_s: float,
@@ -489,8 +510,7 @@ def serve(cert: str, key: str, delay_s: float = 0.0, log_requests: bool = False)
     """
     # SIGTERM would otherwise end us without the finally that stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server_port = _free_port()
-    server = _start_server(server_port)
+    server_port, server = _start_server_on_a_free_port()
     try:
         proxy_port = _listen(cert, key, server_port, delay_s, log_requests)
         print(json.dumps({"server_port": server_port, "proxy_port": proxy_port}), flush=True)

@@ -13,6 +13,7 @@ import json
 import os
 
 import pytest
+from absl import flags
 
 from deploy import validate
 from trainer import cluster
@@ -135,13 +136,32 @@ def test_outputs_land_under_the_base_output_directory(path):
 
 
 def test_tuning_trials_keep_their_own_checkpoints():
+    """Each trial's Config, as the trainer builds it from hptune.yaml's own args
+    in that trial's environment, writes everything under its own folder.
+
+    The trial folder in AIP_* is Vertex AI's (vertex_environ models its
+    documented values); what is tested is the trainer's side: it follows
+    AIP_* for every output, and derives its job dir (config.json,
+    metrics.json) from it, so a spec that pinned --job_dir, or a trainer that
+    ignored AIP_CHECKPOINT_DIR, would make trials share files and fail here.
+    """
     job_spec, _ = _job_spec(os.path.join(validate.DEPLOY_DIR, "hptune.yaml"))
+    args = job_spec["workerPoolSpecs"][0]["containerSpec"]["args"]
+    base = job_spec["baseOutputDirectory"]["outputUriPrefix"]
 
-    dirs = [config_lib.resolve_output_dirs("job", vertex_environ(job_spec, 0, 0, trial=t),
-                                           job_dir_given=False) for t in ("1", "2")]
+    configs = {}
+    for trial in ("1", "2"):
+        fv = flags.FlagValues()
+        config_lib.define_flags(fv)
+        fv(["trainer.task", *args])
+        configs[trial] = config_lib.config_from_flags(
+            fv, environ=vertex_environ(job_spec, 0, 0, trial=trial), check_paths=False)
 
-    assert dirs[0]["checkpoint_dir"] != dirs[1]["checkpoint_dir"]
-    assert dirs[1]["job_dir"].endswith("/example-job/2")
+    for trial, config in configs.items():
+        folders = [config.job_dir, config.model_dir, config.checkpoint_dir, config.log_dir]
+        assert folders == [f"{base}/{trial}", f"{base}/{trial}/model",
+                           f"{base}/{trial}/checkpoints", f"{base}/{trial}/logs"]
+    assert configs["1"].hypertune_metric == "val_accuracy"
 
 
 def test_workers_write_to_scratch_beside_the_chief():

@@ -5,6 +5,7 @@ users do.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from absl import flags
 
 from conftest import optimizer_iterations
+from workers import Job
 from trainer import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,19 +101,17 @@ def test_cli_tpu_without_a_tpu_fails_clearly(binary_dir, tmp_path):
     assert "--strategy=tpu: no TPU reachable" in result.stderr
 
 
-def _run_until(args, marker):
-    """Runs the trainer and kills it (SIGKILL) when a stdout line contains marker."""
-    process = subprocess.Popen(_command(*args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if marker in line:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "".join(lines[-30:])
-    return "".join(lines)
+def _run_until(args, marker, log):
+    """Runs the trainer and kills it (SIGKILL) once an output line contains ``marker``.
+
+    Every wait is bounded (tests/workers.py): a trainer that stalls fails the
+    test instead of hanging it.
+    """
+    with Job(args, 1, log) as job:
+        job.chief.wait_for(re.escape(marker), 300)
+        job.signal(signal.SIGKILL)
+        assert job.wait(60) == [-signal.SIGKILL], job.chief.tail()
+    return job.chief.output
 
 
 def test_killed_job_resumes_in_each_phase(binary_dir, tmp_path):
@@ -120,8 +120,9 @@ def test_killed_job_resumes_in_each_phase(binary_dir, tmp_path):
     args = [f"--data_dir={binary_dir}", f"--job_dir={job_dir}", "--weights=none",
             "--image_size=32", "--batch_size=4", "--epochs=3", "--fine_tune_epochs=2",
             "--fine_tune_at=140", "--augment=false"]
-    _run_until(args, "Epoch 2/3")
-    second = _run_until(args, "Epoch 5/5")
+    log = str(tmp_path / "worker.log")
+    _run_until(args, "Epoch 2/3", log)
+    second = _run_until(args, "Epoch 5/5", log)
     assert "Epoch 1/3" not in second and "Epoch 2/3" in second
     final = subprocess.run(_command(*args), cwd=REPO, env=_env(), capture_output=True,
                            text=True, timeout=300)

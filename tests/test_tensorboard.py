@@ -9,7 +9,7 @@ always stopped.
 import io
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -21,12 +21,6 @@ from PIL import Image
 
 START_TIMEOUT_S = 90
 REQUEST_TIMEOUT_S = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tensorboard_command():
@@ -63,15 +57,16 @@ class _Server:
 def tensorboard(finished_job, tmp_path_factory):
     """The tensorboard server over the finished job's log dir, once its runs are loaded."""
     config, _ = finished_job
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("tensorboard") / "tensorboard.log"
     with open(log_path, "w") as log:
+        # Port 0: the server binds a port the OS picks, and prints its address.
         process = subprocess.Popen(
             _tensorboard_command() + ["--logdir", config.log_dir, "--host", "127.0.0.1",
-                                      "--port", str(port)],
+                                      "--port", "0"],
             stdout=log, stderr=subprocess.STDOUT)
-    server = _Server(f"http://127.0.0.1:{port}", process, log_path)
+    server = _Server(None, process, log_path)
     try:
+        server.url = _wait_for_address(server)
         _wait_for_runs(server, {"train", "validation", "evaluation"})
         yield server
     finally:
@@ -81,6 +76,19 @@ def tensorboard(finished_job, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def _wait_for_address(server):
+    """The http://127.0.0.1:PORT address the server printed once it listened."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"tensorboard exited with {server.process.returncode}:\n{server.log()}")
+        found = re.search(r"(http://127\.0\.0\.1:\d+)/", server.log())
+        if found:
+            return found.group(1)
+        time.sleep(0.2)
+    pytest.fail(f"tensorboard printed no address within {START_TIMEOUT_S}s:\n{server.log()}")
 
 
 def _wait_for_runs(server, runs):

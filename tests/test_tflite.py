@@ -9,8 +9,13 @@ from trainer import model as model_lib
 from trainer import tflite
 from trainer.data import pipeline
 
-# Largest allowed difference of any class probability from the SavedModel's.
-TOLERANCE = {tflite.FLOAT: 1e-4, tflite.DYNAMIC_RANGE: 0.05}
+# Largest allowed difference of any class probability from the SavedModel's,
+# on a model that has learned (tests/learnable.py: confident, far from
+# uniform). Measured on correct conversions of it: float 6.5e-9,
+# dynamic range 7.8e-5 (test images, TensorFlow 2.21 on x86 CPU); each bar
+# sits a few times above, a wrong conversion (channels swapped, preprocessing
+# lost) moves probabilities by tenths.
+TOLERANCE = {tflite.FLOAT: 1e-6, tflite.DYNAMIC_RANGE: 3e-4}
 
 
 def _test_images(data_dir, image_size):
@@ -26,20 +31,24 @@ def _saved_model_probabilities(model_dir, images):
 
 
 @pytest.mark.parametrize("variant", tflite.VARIANTS)
-def test_tflite_of_a_trained_job_matches_its_saved_model(finished_job, variant):
-    config, metrics = finished_job
+def test_tflite_of_a_learned_job_matches_its_saved_model(learned_job, variant):
+    config, metrics = learned_job
     images = _test_images(config.data_dir, config.image_size)
     expected = _saved_model_probabilities(config.model_dir, images)
     path = tflite.tflite_path(f"{config.job_dir}/tflite", variant)
     actual = tflite.classify(path, images)
-    assert actual.shape == expected.shape == (len(images), 4)
+    assert actual.shape == expected.shape == (len(images), 3)
+    print(variant, "max abs difference", np.abs(actual - expected).max())
     np.testing.assert_allclose(actual, expected, atol=TOLERANCE[variant])
+    # The same class for every image, so the same accuracy as the SavedModel's.
+    np.testing.assert_array_equal(actual.argmax(axis=1), expected.argmax(axis=1))
+    assert expected.max(axis=1).mean() > 0.9  # A confident model: a real comparison.
     with open(f"{config.job_dir}/tflite/{tflite.LABELS_FILE}") as f:
         assert f.read().splitlines() == metrics["class_names"]
 
 
-def test_dynamic_range_model_is_smaller(finished_job):
-    config, _ = finished_job
+def test_dynamic_range_model_is_smaller(learned_job):
+    config, _ = learned_job
     sizes = {v: tf.io.gfile.stat(tflite.tflite_path(f"{config.job_dir}/tflite", v)).length
              for v in tflite.VARIANTS}
     assert sizes[tflite.DYNAMIC_RANGE] < 0.5 * sizes[tflite.FLOAT]

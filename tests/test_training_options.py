@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 
+import learnable
+from conftest import tiny_config
+from trainer import callbacks as callbacks_lib
 from trainer import cluster
 from trainer import config as config_lib
 from trainer import model as model_lib
@@ -63,14 +67,43 @@ def test_invalid_option_values_name_their_flag(make_config, binary_dir, field, v
         make_config(binary_dir, **{field: value})
 
 
-def test_early_stopping_keeps_the_best_validation_loss(make_config, binary_dir):
-    # A high learning rate makes the validation loss jump about, so the last
-    # epoch is unlikely to be the best; the exported model must be the best.
-    config = make_config(binary_dir, backbone="demo_cnn", fine_tune_at=5, epochs=4,
-                         fine_tune_epochs=0, learning_rate=0.05, augment=False,
-                         early_stopping_patience=1)
+def test_early_stopping_restores_the_best_epochs_weights(colour_dir, tmp_path, monkeypatch):
+    """A scripted loss curve: two epochs at the run's rate, then a 1000-fold rate
+    for the rest, which must raise the validation loss above the best of the
+    first two. Patience 2 therefore stops the phase before its 5 epochs end,
+    whichever of the first two was best, and the exported model must hold
+    that epoch's weights, not the last one's.
+    """
+    def scripted(name, base, total_steps, warmup_steps=0):
+        steps_per_epoch = total_steps // 5
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [2 * steps_per_epoch], [base, 1000.0 * base])
+    monkeypatch.setattr(schedules, "learning_rate", scripted)
+
+    logits_by_epoch = []
+
+    class Recording(callbacks_lib.EpochExtras):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            logits_by_epoch.append(
+                [w.numpy() for w in self.model.get_layer(model_lib.LOGITS_LAYER).weights])
+    monkeypatch.setattr(callbacks_lib, "EpochExtras", Recording)
+
+    config = tiny_config(colour_dir, tmp_path / "job",
+                         **{**learnable.SETTINGS, "epochs": 5, "fine_tune_epochs": 0,
+                            "early_stopping_patience": 2})
     metrics = train.train_and_evaluate(config, cluster.create_strategy("one_device"))
+
     val_loss = metrics["history"]["val_loss"]
-    assert 1 <= len(val_loss) <= 4
+    best = int(np.argmin(val_loss[:2]))
+    assert len(val_loss) == best + 3, val_loss  # Stopped after 2 epochs without improvement.
+    assert min(val_loss[2:]) > val_loss[best], val_loss
+    # The exported model's logit kernel: its one variable of that shape ([128, 3]).
+    exported = tf.train.load_checkpoint(f"{config.model_dir}/variables/variables")
+    shape = list(logits_by_epoch[0][0].shape)
+    [kernel] = [exported.get_tensor(k) for k, v in exported.get_variable_to_shape_map().items()
+                if v == shape and "OPTIMIZER" not in k]
+    np.testing.assert_array_equal(kernel, logits_by_epoch[best][0])
+    assert not np.allclose(kernel, logits_by_epoch[-1][0])
     # Keras's val_loss and evaluate's loss of the exported model, same images.
-    assert metrics["validation"]["loss"] == pytest.approx(min(val_loss), rel=1e-3)
+    assert metrics["validation"]["loss"] == pytest.approx(val_loss[best], rel=1e-3)

@@ -3,6 +3,9 @@
 A ``Job`` starts one trainer per worker, each with its own ``TF_CONFIG``
 naming every worker at a free port on 127.0.0.1 (MultiWorkerMirroredStrategy
 with one worker per process), or a single process without ``TF_CONFIG``.
+Every worker must know every port before any binds its own, so a port can
+be taken by another process in between: a cluster whose gRPC server could
+not start is started again on new ports (``Job.start``).
 Each process's output is read on a thread into timestamped lines, so a test
 can wait for a line, send a signal the moment it appears, and measure how long
 anything took. Every wait is bounded, and ``Job`` is a context manager that
@@ -24,6 +27,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class WaitTimeout(AssertionError):
     """A bounded wait ran out; the message ends with the process's last lines."""
+
+
+START_WAIT = 240  # Seconds for a cluster to form on a loaded 2-core machine.
+ATTEMPTS = 3  # Cluster starts tried when a port was taken meanwhile.
+_PORT_TAKEN = "Could not start gRPC server"
 
 
 def free_ports(count: int) -> List[int]:
@@ -152,10 +160,26 @@ class Job:
         self.workers: List[Worker] = []
 
     def start(self) -> "Job":
+        """Starts the processes; a cluster returns once every worker has its strategy."""
         self.started = time.monotonic()
-        self._ports = free_ports(self.num_workers) if self.num_workers > 1 else []
-        self.workers = [self._launch(index) for index in range(self.num_workers)]
-        return self
+        for attempt in range(1, ATTEMPTS + 1):
+            self._ports = free_ports(self.num_workers) if self.num_workers > 1 else []
+            self.workers = [self._launch(index) for index in range(self.num_workers)]
+            if not self._ports or self._cluster_formed(last_attempt=attempt == ATTEMPTS):
+                return self
+            self.kill()
+        raise AssertionError("unreachable")
+
+    def _cluster_formed(self, last_attempt: bool) -> bool:
+        """Waits until every worker has built its strategy; False when a port was taken."""
+        for worker in self.workers:
+            try:
+                worker.wait_for(r"Strategy multi_worker", START_WAIT)
+            except WaitTimeout:
+                if _PORT_TAKEN in worker.output and not last_attempt:
+                    return False
+                raise
+        return True
 
     def restart(self, index: int) -> Worker:
         """Starts worker ``index`` again (as the platform restarts a lost replica)."""

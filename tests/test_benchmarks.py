@@ -1,0 +1,94 @@
+"""Every benchmark keeps running: each one's ``--smoke`` mode, end to end.
+
+A smoke run is the benchmark's own code at toy size (generated data, random
+weights, seconds), writing to a temporary folder, never to
+benchmarks/results/. Its speed figures mean nothing and are not checked; what
+is checked is that it finishes, writes its JSON and markdown with the command
+that made them, and the values that do not depend on speed.
+
+To add a benchmark: one more ``Smoke`` entry in ``SMOKES``.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, Optional
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoke:
+    """How to smoke-run one benchmark module."""
+
+    module: str  # python -m benchmarks.<module>
+    out_flag: str  # its flag naming the results folder
+    check: Optional[Callable[[dict], None]] = None  # asserts on its JSON
+
+
+def _frozen_forward(results):
+    summary = results["summary"]
+    # Folding BatchNorm must not change the features: a speed-independent value.
+    assert summary["max_difference_relative_to_largest_feature"] < 1e-4
+    assert summary["batch_norm_layers_folded"] == 52
+    assert summary["median_speedup"] > 0
+
+
+def _input_pipeline(results):
+    assert results["images"] == 48
+    rates = results["images_per_second"]
+    assert {"decode_limit", "ours_local", "tutorial_local", "ours_gcs",
+            "tutorial_gcs"} <= set(rates)
+    assert [t["target"] for t in results["targets"]][0].startswith("ours_local")
+
+
+def _phase2_throughput(results):
+    assert results["summary"]["in_memory_images_per_second"] > 0
+    assert len(results["rounds"]) == 1
+
+
+def _tutorial_recipe(results):
+    # One epoch, then phase 2 from the last one's index, as the notebook does
+    # (initial_epoch=history.epoch[-1]): epoch 1 runs twice.
+    assert [e["epoch"] for e in results["rounds"]] == [1, 1, 2]
+
+
+SMOKES = [
+    Smoke("frozen_forward", "out_dir", _frozen_forward),
+    Smoke("input_pipeline", "output_dir", _input_pipeline),
+    Smoke("phase2_throughput", "out_dir", _phase2_throughput),
+    Smoke("tutorial_recipe", "out_dir", _tutorial_recipe),
+]
+
+
+def _digest(folder):
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("smoke", SMOKES, ids=lambda s: s.module)
+def test_benchmark_smoke_run(smoke, tmp_path):
+    recorded = _digest(RESULTS)
+    out_dir = tmp_path / "results"
+    command = [sys.executable, "-m", f"benchmarks.{smoke.module}", "--smoke",
+               f"--{smoke.out_flag}={out_dir}"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out_dir / f"{smoke.module}.json") as f:
+        results = json.load(f)
+    assert "--smoke" in results["command"]
+    assert (out_dir / f"{smoke.module}.md").read_text().strip()
+    if smoke.check:
+        smoke.check(results)
+    assert _digest(RESULTS) == recorded  # The recorded results are left alone.
