@@ -119,7 +119,7 @@ def test_killed_job_resumes_in_each_phase(binary_dir, tmp_path):
     job_dir = tmp_path / "job"
     args = [f"--data_dir={binary_dir}", f"--job_dir={job_dir}", "--weights=none",
             "--image_size=32", "--batch_size=4", "--epochs=3", "--fine_tune_epochs=2",
-            "--fine_tune_at=140", "--augment=false"]
+            "--fine_tune_at=140", "--augment=false", "--recipe=tutorial"]
     log = str(tmp_path / "worker.log")
     _run_until(args, "Epoch 2/3", log)
     second = _run_until(args, "Epoch 5/5", log)
