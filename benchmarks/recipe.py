@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 
 import tensorflow as tf
@@ -47,14 +48,22 @@ flags.DEFINE_list(
     "Trainer flags of the 'ours_fast' side: the better schedule that the "
     "feature cache allows (phase 1 costs little, so it can learn faster).")
 flags.DEFINE_bool("feature_cache", True, "Our side's --feature_cache.")
+flags.DEFINE_bool("smoke", False, "Generated 32-px data, random weights, one epoch a phase, "
+                  "tutorial and ours: seconds; its figures mean nothing.")
+
+_SMOKE_SIZE = tutorial_recipe.SMOKE["image_size"]
 
 
 def _shared_test_set(data_dir: str):
     return pipeline.describe(data_dir, test_fraction=0.2, seed=42).splits["test"]
 
 
+def _image_size() -> int:
+    return _SMOKE_SIZE if FLAGS.smoke else 160
+
+
 def _accuracy_on(model_fn, split, binary_logit: bool) -> float:
-    dataset = pipeline.make_dataset(split, 160, 64, training=False, cache="none")
+    dataset = pipeline.make_dataset(split, _image_size(), 64, training=False, cache="none")
     correct = 0
     for images, labels in dataset:
         out = model_fn(images)
@@ -67,8 +76,10 @@ def run_tutorial(test_split) -> dict:
     def shared_test(model):
         return {"test_accuracy": _accuracy_on(lambda x: model(x, training=False), test_split,
                                               binary_logit=True)}
+    size = dict(image_size=_SMOKE_SIZE, batch_size=tutorial_recipe.SMOKE["batch_size"]
+                ) if FLAGS.smoke else {}
     return tutorial_recipe.run(FLAGS.data_dir, FLAGS.weights, FLAGS.epochs,
-                               FLAGS.fine_tune_epochs, on_model=shared_test)
+                               FLAGS.fine_tune_epochs, on_model=shared_test, **size)
 
 
 def run_ours(name: str, extra_flags=()) -> dict:
@@ -76,8 +87,9 @@ def run_ours(name: str, extra_flags=()) -> dict:
     shutil.rmtree(job_dir, ignore_errors=True)
     fv = flags.FlagValues()
     config_lib.define_flags(fv)
+    smoke = [f"--image_size={_SMOKE_SIZE}", "--batch_size=4"] if FLAGS.smoke else []
     fv(["trainer", f"--data_dir={FLAGS.data_dir}", f"--job_dir={job_dir}",
-        f"--weights={FLAGS.weights}", f"--epochs={FLAGS.epochs}",
+        f"--weights={FLAGS.weights or 'none'}", f"--epochs={FLAGS.epochs}", *smoke,
         f"--fine_tune_epochs={FLAGS.fine_tune_epochs}", "--strategy=one_device",
         # The tutorial's schedule, epoch for epoch: this benchmark compares speed at equal
         # work (benchmarks/recipe_fit.py compares the default --recipe=auto).
@@ -193,6 +205,18 @@ def _fmt(value):
 
 def main(argv):
     del argv
+    if FLAGS.smoke:
+        from trainer.data import demo as demo_data
+
+        work = tempfile.mkdtemp(prefix="recipe_smoke_")
+        # Validation of 10 batches: the tutorial takes a fifth of them as test.
+        FLAGS.data_dir = demo_data.write_dataset(work, ("circle", "square"),
+                                                 {"train": 8, "validation": 20}, size=32)
+        FLAGS.weights, FLAGS.work_dir = None, f"{work}/jobs"
+        FLAGS.epochs, FLAGS.fine_tune_epochs = 1, 1
+        FLAGS.sides = ["tutorial", "ours"]
+    elif not (FLAGS.data_dir and FLAGS.weights):
+        raise app.UsageError("--data_dir and --weights are required (or --smoke).")
     test_split = _shared_test_set(FLAGS.data_dir)
     results = {}
     if "tutorial" in FLAGS.sides:
@@ -207,5 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["data_dir", "weights"])
     app.run(main)

@@ -86,9 +86,7 @@ def sides() -> Dict[str, List[str]]:
     if FLAGS.smoke:
         return {"tutorial": ["--recipe=tutorial", "--epochs=2", "--fine_tune_epochs=1",
                              "--learning_rate=1e-3"],
-                "auto": ["--epochs=2", "--fine_tune_epochs=1", "--head_learning_rates=1e-3,1e-2"],
-                "grid lr=0.01 epochs=2": ["--recipe=tutorial", "--learning_rate=0.01",
-                                          "--epochs=2", "--fine_tune_epochs=1"]}
+                "auto": ["--epochs=2", "--fine_tune_epochs=1", "--head_learning_rates=1e-3,1e-2"]}
     grid = {f"grid lr={float(lr):g} epochs={epochs}": [
         "--recipe=tutorial", f"--learning_rate={lr}", f"--epochs={epochs}"]
         for lr in FLAGS.grid_learning_rates for epochs in FLAGS.grid_epochs}

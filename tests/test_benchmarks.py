@@ -59,7 +59,23 @@ def _tutorial_recipe(results):
     assert [e["epoch"] for e in results["rounds"]] == [1, 1, 2]
 
 
+def _recipe(results):
+    # Our side runs the tutorial's schedule epoch for epoch: 1 + 1 here.
+    assert [e["epoch"] for e in results["results"]["ours"]["epochs"]] == [1, 2]
+    assert set(results["results"]) == {"tutorial", "ours"}
+
+
+def _recipe_fit(results):
+    sides = results["rounds"][0]["smoke"]
+    assert sides["tutorial"]["learning_rates"] == [1e-3, 1e-5]
+    auto = sides["auto"]
+    assert [row["learning_rate"] for row in auto["search"]] == [1e-3, 1e-2]
+    assert auto["learning_rates"][1] == pytest.approx(0.01 * auto["learning_rates"][0])
+
+
 SMOKES = [
+    Smoke("recipe", "out_dir", _recipe),
+    Smoke("recipe_fit", "out_dir", _recipe_fit),
     Smoke("frozen_forward", "out_dir", _frozen_forward),
     Smoke("input_pipeline", "output_dir", _input_pipeline),
     Smoke("phase2_throughput", "out_dir", _phase2_throughput),
