@@ -14,7 +14,8 @@
   - Phase 1, when it runs on cached features, *searches* the head's learning
     rate: one short run per candidate of ``HEAD_LEARNING_RATES``, the head
     reset before each, and keeps the run of lowest validation loss. A cached
-    step costs about a millisecond, so the whole search costs seconds.
+    step runs only the head, so the search costs little next to phase 2
+    (recipe_fit.md times whole jobs with it).
   - Phase 2 trains at ``FINE_TUNE_RATIO`` times phase 1's chosen rate: the
     ratio of the tutorial's fast schedule (head 1e-3, backbone 1e-5).
   - Without the feature cache, or on TPUs (where each short run would be
