@@ -1,4 +1,6 @@
-"""Flags, their validation, presets and the resolved ``Config`` of a run.
+"""The resolved ``Config`` of a run: presets, validation, output folders.
+
+The flags themselves are defined in ``trainer/flag_definitions.py``.
 
 Flag defaults reproduce the reference recipe (TensorFlow's transfer-learning
 tutorial): MobileNetV2 at 160x160, batch 32 per replica, 10 frozen epochs with
@@ -17,12 +19,9 @@ from typing import Mapping, Optional, Tuple
 from absl import flags
 
 from trainer import recipe as recipe_lib
+from trainer.flag_definitions import (  # noqa: F401  (re-exported)
+    CACHE_MEMORY, CACHE_NONE, MIXED_PRECISION_POLICIES, OPTIMIZERS, STRATEGIES, define_flags)
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
-OPTIMIZERS = ("adam", "rmsprop", "sgd")
-MIXED_PRECISION_POLICIES = ("none", "mixed_float16", "mixed_bfloat16")
-CACHE_MEMORY = "memory"
-CACHE_NONE = "none"
 # --weights value of the demo: pre-train the backbone on the generated source task.
 DEMO_SOURCE_WEIGHTS = "demo_source"
 
@@ -113,187 +112,6 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Defines the trainer's flags on ``flag_values``.
-
-    A function rather than module-level definitions so that other tools (the
-    Vertex AI spec validator) can parse trainer arguments into a fresh
-    ``FlagValues`` with exactly the trainer's definitions.
-    """
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_enum(
-        "recipe", recipe_lib.AUTO, recipe_lib.RECIPES,
-        "'auto': step budgets scaled to the data, early stopping on validation "
-        "loss with the best weights kept, the head's learning rate searched on "
-        "cached features and phase 2's rate set from it; any of --epochs, "
-        "--fine_tune_epochs, --learning_rate, --fine_tune_learning_rate, "
-        "--early_stopping_patience given explicitly is kept. 'tutorial': exactly "
-        "the epochs and rates of those flags, whose defaults are the tutorial's.", **fv)
-    flags.DEFINE_list(
-        "head_learning_rates", [f"{r:g}" for r in recipe_lib.HEAD_LEARNING_RATES],
-        "--recipe=auto: learning rates the phase-1 search tries, comma-separated.", **fv)
-    flags.DEFINE_string(
-        "data_dir", "",
-        "Input data, local or gs://: a folder with train/ and validation/ "
-        "(optionally test/; aliases training/, val/, valid/, testing/) of "
-        "class-named image subfolders; a folder of class folders only (split by "
-        "--split_fractions); Vertex AI import files (.csv or .jsonl, "
-        "comma-separated for several); or the output of trainer.prepare "
-        "(manifest.json + TFRecords). Empty: generate and train on the embedded "
-        "demo dataset.", **fv)
-    flags.DEFINE_string(
-        "job_dir", "job",
-        "Root for outputs, local or gs://: model/, checkpoints/, logs/. "
-        "Vertex AI's AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and "
-        "AIP_TENSORBOARD_LOG_DIR take precedence when set. Re-running with the "
-        "same job_dir resumes.", **fv)
-    flags.DEFINE_integer("image_size", 160, "Side of the square model input, in pixels.", **fv)
-    flags.DEFINE_integer(
-        "batch_size", 32,
-        "Images per replica per step; the global batch is this times the "
-        "number of replicas in sync.", **fv)
-    flags.DEFINE_integer("epochs", 10, "Epochs of phase 1 (frozen backbone, head only).", **fv)
-    flags.DEFINE_integer(
-        "fine_tune_epochs", 10,
-        "Epochs of phase 2 (backbone layers from --fine_tune_at on train too); "
-        "0 skips phase 2.", **fv)
-    flags.DEFINE_integer(
-        "fine_tune_at", 100,
-        "Index of the first backbone layer unfrozen in phase 2. When not "
-        "given, the --backbone's own default from the registry in "
-        "trainer/model.py (this 100 is mobilenet_v2's, the recipe's value).", **fv)
-    flags.DEFINE_float("learning_rate", 1e-4, "Learning rate of phase 1 (--optimizer).", **fv)
-    flags.DEFINE_float(
-        "fine_tune_learning_rate", 1e-5,
-        "Learning rate of phase 2 (--fine_tune_optimizer).", **fv)
-    flags.DEFINE_enum("optimizer", "adam", OPTIMIZERS, "Optimizer of phase 1.", **fv)
-    flags.DEFINE_enum("fine_tune_optimizer", "rmsprop", OPTIMIZERS, "Optimizer of phase 2.", **fv)
-    flags.DEFINE_float(
-        "dropout", 0.2, "Dropout rate before the logit layer, in [0, 1).", **fv)
-    flags.DEFINE_string(
-        "backbone", "mobilenet_v2",
-        "Backbone name from the registry in trainer/model.py.", **fv)
-    flags.DEFINE_string(
-        "weights", "imagenet",
-        "Backbone initialisation: 'imagenet', 'none' (random), or a path to a "
-        "Keras weights file (.h5 or .weights.h5, local or gs://).", **fv)
-    flags.DEFINE_bool(
-        "augment", True,
-        "Random horizontal flip and rotation (0.2 of a turn) during training.", **fv)
-    flags.DEFINE_enum(
-        "strategy", "auto", STRATEGIES,
-        "tf.distribute strategy. 'auto': tpu when --tpu is set, multi_worker "
-        "when TF_CONFIG names several tasks, mirrored with several GPUs, else "
-        "one_device.", **fv)
-    flags.DEFINE_string(
-        "tpu", "",
-        "TPU name or address for TPUClusterResolver ('local' on a TPU VM). "
-        "Implies --strategy=tpu under 'auto'.", **fv)
-    flags.DEFINE_integer("seed", 42, "Seed for data order, splits and initialisation.", **fv)
-    flags.DEFINE_integer(
-        "checkpoint_every_steps", 0,
-        "Back up the training state every this many steps (and at every epoch "
-        "end); 0 backs up at epoch ends only.", **fv)
-    flags.DEFINE_float(
-        "test_fraction", 0.2,
-        "Without a test/ split, this fraction of validation images (chosen "
-        "deterministically by --seed) is held out as the test split.", **fv)
-    flags.DEFINE_string(
-        "cache", CACHE_MEMORY,
-        "Cache decoded, resized images: 'memory', 'none', or a file path "
-        "prefix for an on-disk cache.", **fv)
-    flags.DEFINE_integer(
-        "shuffle_buffer", 10000, "Shuffle buffer of the training set, in images.", **fv)
-    flags.DEFINE_string(
-        "hypertune_metric", "",
-        "Epoch metric (e.g. val_accuracy) reported after every epoch to a Vertex "
-        "AI hyperparameter tuning job through cloudml-hypertune; must equal the "
-        "study's metricId. Empty, or outside a tuning trial: nothing is reported.", **fv)
-    flags.DEFINE_string(
-        "lr_schedule", "constant",
-        "Learning rate within each phase: 'constant' (the recipe) or 'cosine' "
-        "(decays to 0 by the phase's last step). Either starts with "
-        "--warmup_epochs of linear warmup.", **fv)
-    flags.DEFINE_float(
-        "warmup_epochs", 0.0,
-        "Linear learning-rate warmup at the start of each phase, in epochs "
-        "(fractions allowed; turned into steps with the steps per epoch).", **fv)
-    flags.DEFINE_float(
-        "label_smoothing", 0.0,
-        "Label smoothing of the cross-entropy loss, in [0, 1): targets move "
-        "this fraction of the way towards uniform (binary and multi-class).", **fv)
-    flags.DEFINE_integer(
-        "early_stopping_patience", 0,
-        "Stop a phase after this many epochs without a lower validation loss "
-        "and restore the phase's best weights; 0 turns early stopping off.", **fv)
-    flags.DEFINE_bool(
-        "feature_cache", True,
-        "Phase 1 computes the frozen backbone's pooled features once per image "
-        "and trains the head on them (no augmentation in phase 1); false runs "
-        "the backbone every phase-1 step as the tutorial does.", **fv)
-    flags.DEFINE_bool(
-        "fine_tune_cache", True,
-        "Phase 2 computes, once per image, the activations that the unfrozen "
-        "layers read from the frozen ones below --fine_tune_at, and trains on "
-        "them (with --augment, of the image or its mirror image: random flips, "
-        "no rotation); false runs the whole backbone every phase-2 step on "
-        "augmented images.", **fv)
-    flags.DEFINE_float(
-        "fine_tune_cache_max_gb", 4.0,
-        "Largest --fine_tune_cache per worker, in GB of memory; a larger one "
-        "falls back to images (logged).", **fv)
-    flags.DEFINE_enum(
-        "mixed_precision", "none", MIXED_PRECISION_POLICIES,
-        "Keras mixed-precision policy: mixed_float16 for GPUs, mixed_bfloat16 "
-        "for TPUs; the logit layer stays float32.", **fv)
-    flags.DEFINE_bool(
-        "jit_compile", False,
-        "Compile train steps with XLA. Faster on GPU and TPU; about ten times "
-        "slower on CPU, so off by default.", **fv)
-    flags.DEFINE_integer(
-        "max_restarts", 3,
-        "Times a worker restarts itself in place after a transient failure "
-        "(UnavailableError, DeadlineExceededError, AbortedError: a peer died "
-        "or was preempted, a storage hiccup), resuming from its last backup; "
-        "counted over the process's life. 0 fails at once.", **fv)
-    flags.DEFINE_float(
-        "restart_wait_seconds", 600.0,
-        "Before such a restart, seconds to wait for every other worker of a "
-        "multi-worker job to accept connections again (the platform restarts "
-        "a lost one); past it the worker exits non-zero.", **fv)
-    flags.DEFINE_bool(
-        "export_tflite", False,
-        "After export, also convert the model to TFLite (float and "
-        "dynamic-range quantized) under <job_dir>/tflite. Off by default: "
-        "only jobs that ask for it risk failing at the end on a converter "
-        "error, and `python -m trainer.tflite` converts any exported model "
-        "later.", **fv)
-    _define_data_flags(fv)
-
-
-def _define_data_flags(fv: dict) -> None:
-    """Flags of how data is listed and weighed (trainer/data/sources.py, weighting.py)."""
-    flags.DEFINE_list(
-        "split_fractions", ["0.8", "0.1", "0.1"],
-        "train,validation,test fractions of each class for images without an "
-        "assigned split (a folder of class folders only; import-file rows "
-        "without ML_USE or with 'unassigned'), chosen by --seed; AutoML's "
-        "default 80/10/10.", **fv)
-    flags.DEFINE_bool(
-        "strict", False,
-        "Fail on the first bad import-file row (missing file, empty label, "
-        "unknown ML_USE, conflicting duplicate, label without training image) "
-        "instead of skipping bad rows with a report.", **fv)
-    flags.DEFINE_bool(
-        "flatten_nested", False,
-        "Take files in subfolders of a class folder as images of that class; "
-        "without it such a subfolder is an error naming it.", **fv)
-    flags.DEFINE_enum(
-        "class_weighting", "none", ("none", "balanced"),
-        "Per-example loss weights: 'none' (the recipe) or 'balanced' "
-        "(n / (k * n_class) from the train split's counts), in both phases.", **fv)
-
-
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
                       environ: Optional[Mapping[str, str]] = None,
                       check_paths: bool = True) -> Config:
@@ -304,7 +122,8 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
     """
     environ = os.environ if environ is None else environ
     values = {name: flag_values[name].value for name in _flag_names()}
-    values["split_fractions"] = _fractions(values["split_fractions"])
+    values["split_fractions"] = _numbers("split_fractions", values["split_fractions"],
+                                         "0.8,0.1,0.1")
     demo = not values["data_dir"]
     preset = set()
     if demo:
@@ -312,7 +131,8 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
             if not flag_values[name].present:
                 values[name] = value
                 preset.add(name)
-    values["head_learning_rates"] = _floats("head_learning_rates", values["head_learning_rates"])
+    values["head_learning_rates"] = _numbers("head_learning_rates",
+                                            values["head_learning_rates"], "1e-3,1e-2")
     values["recipe_pinned"] = tuple(knob for knob in recipe_lib.KNOBS
                                     if flag_values[knob].present or knob in preset)
     if not flag_values["fine_tune_at"].present:
@@ -324,19 +144,12 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS,
     return config
 
 
-def _floats(name: str, texts) -> Tuple[float, ...]:
+def _numbers(name: str, texts, example: str) -> Tuple[float, ...]:
     try:
         return tuple(float(text) for text in texts)
     except ValueError:
-        raise ConfigError(f"--{name}={','.join(texts)!r} must be comma-separated numbers.")
-
-
-def _fractions(values) -> Tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in values)
-    except ValueError:
-        raise ConfigError(f"--split_fractions={','.join(values)!r} must be three numbers, "
-                          "e.g. 0.8,0.1,0.1.") from None
+        raise ConfigError(f"--{name}={','.join(texts)!r} must be comma-separated "
+                          f"numbers, e.g. {example}.") from None
 
 
 def _default_fine_tune_at(backbone: str) -> int:
