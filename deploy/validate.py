@@ -71,7 +71,7 @@ TRAINER_MODULE = "trainer.task"
 
 _CAMEL_CASE = re.compile(r"^[a-z][a-zA-Z0-9]*$")
 # Mappings whose keys are user data, not field names.
-_FREE_KEY_FIELDS = frozenset({"labels"})
+_FREE_KEY_FIELDS = frozenset({"labels", "trafficSplit"})
 
 # Machine families with built-in GPUs: the type is fixed, the count is in the
 # name (a2-highgpu-4g has 4).
@@ -118,15 +118,22 @@ def load_spec(path: str) -> Dict[str, Any]:
     return spec
 
 
-def check_header(text: str, path: str) -> None:
-    """The file opens with comments giving its run command and what to expect."""
+def check_header(text: str, path: str, command: str = "") -> None:
+    """The file opens with comments giving its run command and what to expect.
+
+    Args:
+      text: the file's text.
+      path: the file, for messages.
+      command: the run command the header must contain; default
+        ``python -m deploy.submit deploy/<file name>``.
+    """
     header = []
     for line in text.splitlines():
         if not line.startswith("#"):
             break
         header.append(line)
     header_text = "\n".join(header)
-    command = f"python -m deploy.submit deploy/{os.path.basename(path)}"
+    command = command or f"python -m deploy.submit deploy/{os.path.basename(path)}"
     if command not in header_text:
         raise SpecError(f"{path}: the header comment must give the run command "
                         f"({command!r} ...).")
@@ -215,7 +222,7 @@ def validate_spec(spec: Mapping[str, Any], where: str = "spec") -> str:
     Raises:
       SpecError: the first problem found, naming the field.
     """
-    _check_camel_case(spec, where)
+    check_camel_case(spec, where)
     kind = spec_kind(spec)
     message = parse(spec, kind, where)
     if kind == CUSTOM_JOB:
@@ -249,10 +256,11 @@ def _message_type(kind: str):
     return aiplatform_v1.HyperparameterTuningJob
 
 
-def _check_camel_case(node: Any, where: str, path: str = "") -> None:
+def check_camel_case(node: Any, where: str, path: str = "") -> None:
+    """Every key of a spec is camelCase, as gcloud and the REST API name fields."""
     if isinstance(node, list):
         for i, item in enumerate(node):
-            _check_camel_case(item, where, f"{path}[{i}]")
+            check_camel_case(item, where, f"{path}[{i}]")
     elif isinstance(node, dict):
         for key, value in node.items():
             key_path = f"{path}.{key}" if path else str(key)
@@ -260,7 +268,7 @@ def _check_camel_case(node: Any, where: str, path: str = "") -> None:
                 raise SpecError(f"{where}: key {key_path} must be camelCase "
                                 f"({_to_camel(str(key))}).")
             if key not in _FREE_KEY_FIELDS:
-                _check_camel_case(value, where, key_path)
+                check_camel_case(value, where, key_path)
 
 
 def _to_camel(key: str) -> str:
@@ -283,7 +291,7 @@ def check_custom_job_spec(job_spec, where: str,
     for i, pool in enumerate(pools):
         if _is_empty_pool(pool):
             continue
-        _check_machine(pool.machine_spec, f"{where}: workerPoolSpecs[{i}].machineSpec")
+        check_machine(pool.machine_spec, f"{where}: workerPoolSpecs[{i}].machineSpec")
     trainer_args = _trainer_args(pools, where)
     for flag in tuned_flags:
         if any(_flag_name(arg) == flag for arg in trainer_args):
@@ -319,8 +327,8 @@ def _is_empty_pool(pool) -> bool:
     return not pool.machine_spec.machine_type and not pool.replica_count
 
 
-def _check_machine(machine_spec, where: str) -> None:
-    """The accelerator type and count fit the machine type."""
+def check_machine(machine_spec, where: str) -> None:
+    """The accelerator type and count of an aiplatform_v1.MachineSpec fit the machine type."""
     machine = machine_spec.machine_type
     accelerator = machine_spec.accelerator_type.name
     count = machine_spec.accelerator_count
