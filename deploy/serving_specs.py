@@ -54,7 +54,11 @@ CHECKED_SERVING_VERSIONS = ("2-15",)
 BATCH_INSTANCE_FORMATS = ("file-list", "jsonl")
 
 
-class ServingSpecError(validate.SpecError):
+# Every check here raises a SpecError (some come from deploy.validate's shared checks).
+SpecError = validate.SpecError
+
+
+class ServingSpecError(SpecError):
     """A serving spec or request that Vertex AI would reject or serve wrongly."""
 
 
