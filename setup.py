@@ -10,7 +10,7 @@ setup(
     description="Transfer-learning image classifier training job for Vertex AI and tf.distribute.",
     python_requires=">=3.10",
     packages=find_packages(include=["trainer", "trainer.*", "deploy"]),
-    package_data={"deploy": ["*.yaml"]},
+    package_data={"deploy": ["*.yaml", "serving/*.yaml"]},
     install_requires=[
         f"tensorflow=={TF_VERSION}.*",
         f"tf-keras=={TF_VERSION}.*",
@@ -21,8 +21,8 @@ setup(
         "pillow>=10.1",  # ImageFont.load_default(size=...) for the TensorBoard pictures.
     ],
     extras_require={
-        # deploy.submit: the Vertex AI client, the spec files, and the sdist of package
-        # specs (built without isolation, so with the setuptools installed here).
+        # deploy.submit and deploy.serve: the Vertex AI client, the spec files, and the
+        # sdist of package specs (built without isolation, so with the setuptools here).
         "vertex": ["google-cloud-aiplatform>=1.70", "pyyaml>=6.0", "build>=1.0",
                    "setuptools>=61"],
         "hypertune": ["cloudml-hypertune>=0.1.0.dev6"],
@@ -46,6 +46,7 @@ setup(
             "trainer-task=trainer.task:main",
             "trainer-prepare=trainer.prepare:main",
             "vertex-submit=deploy.submit:main",
+            "vertex-serve=deploy.serve:main",
             "trainer-evaluate=trainer.evaluate:main",
             "trainer-predict=trainer.predict:main",
             "trainer-tflite=trainer.tflite:main",

@@ -31,7 +31,7 @@ Command line: ``python -m deploy.serve local --model_dir=job/model --request=bod
 
 import base64
 import json
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping
 
 import numpy as np
 
@@ -179,11 +179,12 @@ def _to_json(value: Any, as_bytes: bool) -> Any:
 # --------------------------------------------------------------- Prediction
 
 
-def predict(model_dir: str, body: Mapping[str, Any]) -> Dict[str, list]:
+def predict(model: Any, body: Mapping[str, Any]) -> Dict[str, list]:
     """Runs a request body through an exported SavedModel as the container would.
 
     Args:
-      model_dir: the SavedModel folder (what the Model's artifactUri names).
+      model: the SavedModel folder (what the Model's artifactUri names), or
+        the SavedModel already loaded from it.
       body: the parsed request body.
 
     Returns:
@@ -192,9 +193,9 @@ def predict(model_dir: str, body: Mapping[str, Any]) -> Dict[str, list]:
     import tensorflow as tf
 
     signature_name = body.get("signature_name", DEFAULT_SIGNATURE)
-    loaded = tf.saved_model.load(model_dir)
+    loaded = tf.saved_model.load(model) if isinstance(model, str) else model
     if signature_name not in loaded.signatures:
-        raise RequestError(f"No signature {signature_name!r} in {model_dir}; it has "
+        raise RequestError(f"No signature {signature_name!r}; the model has "
                            f"{sorted(loaded.signatures)}.")
     signature = loaded.signatures[signature_name]
     specs = signature.structured_input_signature[1]
@@ -202,11 +203,3 @@ def predict(model_dir: str, body: Mapping[str, Any]) -> Dict[str, list]:
     outputs = signature(**{name: tf.constant(value, dtype=specs[name].dtype)
                            for name, value in inputs.items()})
     return outputs_to_predictions({name: t.numpy() for name, t in outputs.items()})
-
-
-def signature_inputs(model_dir: str, signature_name: str = DEFAULT_SIGNATURE) -> Sequence[str]:
-    """The input names of a signature of an exported model."""
-    import tensorflow as tf
-
-    signature = tf.saved_model.load(model_dir).signatures[signature_name]
-    return sorted(signature.structured_input_signature[1])

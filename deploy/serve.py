@@ -10,6 +10,7 @@
     python -m deploy.serve validate            # every deploy/serving/*.yaml, offline
     python -m deploy.serve request --images=cat.jpg,dog.jpg > body.json
     python -m deploy.serve local --model_dir=job/model --request=body.json
+    python -m deploy.serve instances --images='gs://BUCKET/photos/*.jpg' > instances.jsonl
 
 (also installed as ``vertex-serve``). ``upload``, ``deploy`` and ``batch``
 build their google.cloud.aiplatform_v1 requests from a serving spec
@@ -17,7 +18,9 @@ build their google.cloud.aiplatform_v1 requests from a serving spec
 ``--dry_run`` print them and stop; otherwise they send them. ``request``
 prints the JSON body of an online prediction of local or gs:// images,
 ``local`` runs such a body through an exported model with the rules of the
-prediction container (``deploy/prediction_json.py``).
+prediction container (``deploy/prediction_json.py``), and ``instances``
+prints the JSON Lines input of a batch prediction with a ``key`` (the image's
+path) on every line.
 """
 
 import json
@@ -33,7 +36,7 @@ from deploy import serving_specs
 
 FLAGS = flags.FLAGS
 
-COMMANDS = ("upload", "deploy", "batch", "validate", "request", "local")
+COMMANDS = ("upload", "deploy", "batch", "validate", "request", "local", "instances")
 # Vertex AI's rule for UploadModelRequest.model_id.
 MODEL_ID = re.compile(r"[a-z_][a-z0-9_-]{0,62}")
 
@@ -190,22 +193,34 @@ def send(requests: List, region: str) -> List[str]:
             name = client.create_batch_prediction_job(request=request).name
             lines += [f"Created {name}",
                       f"Outputs: {job.output_config.gcs_destination.output_uri_prefix}/"
-                      "prediction-<model>-<time>/"]
+                      "prediction-<model display name>-<time>/"]
     return lines
 
 
 # ---------------------------------------------------------- Local bodies
 
 
-def request_body(image_paths: List[str]) -> dict:
-    """The online-prediction body for these images (local or gs://)."""
+def _read_images(patterns: List[str]):
+    """(path, bytes) of every image the files, folders or globs name."""
     import tensorflow as tf
 
-    instances = []
-    for path in image_paths:
+    from trainer import predict
+
+    for path in predict.list_images(patterns):
         with tf.io.gfile.GFile(path, "rb") as f:
-            instances.append(prediction_json.image_instance(f.read()))
-    return {"instances": instances}
+            yield path, f.read()
+
+
+def request_body(patterns: List[str]) -> dict:
+    """The online-prediction body for these images (files, folders or globs; local or gs://)."""
+    return {"instances": [prediction_json.image_instance(data)
+                          for _, data in _read_images(patterns)]}
+
+
+def instance_lines(patterns: List[str]):
+    """JSON Lines of batch-prediction instances, each keyed by its image's path."""
+    for path, data in _read_images(patterns):
+        yield json.dumps({"key": path, **prediction_json.image_instance(data)})
 
 
 def _local(flag_values) -> str:
@@ -253,6 +268,12 @@ def _main(argv):
         return
     if command == "local":
         print(_local(FLAGS))
+        return
+    if command == "instances":
+        if not FLAGS.images:
+            raise app.UsageError("instances needs --images (files, folders or globs).")
+        for line in instance_lines(FLAGS.images):
+            print(line)
         return
     if len(argv) != 3:
         raise app.UsageError(f"Give one spec: python -m deploy.serve {command} "

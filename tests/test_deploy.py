@@ -372,7 +372,7 @@ def test_sdist_holds_the_trainer_and_the_specs(tmp_path):
     with tarfile.open(path) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {"setup.py", "trainer/task.py", "trainer/config.py", "deploy/submit.py",
-            "deploy/gpu_l4.yaml"} <= names
+            "deploy/gpu_l4.yaml", "deploy/serve.py", "deploy/serving/model_tf_cpu.yaml"} <= names
     assert not any(name.startswith(("tests/", "job/", "runs/", ".git/")) for name in names)
 
 
