@@ -1,1 +1,1 @@
-"""Vertex AI job specs, their offline validation and submission."""
+"""Vertex AI: job specs, their offline validation and submission; serving specs and requests."""

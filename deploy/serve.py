@@ -169,6 +169,15 @@ def send(requests: List, region: str) -> List[str]:
     from google.cloud import aiplatform_v1
 
     options = _client_options(region)
+    # Refuse a container that does not suit its machines before creating anything.
+    for request in requests:
+        if isinstance(request, aiplatform_v1.DeployModelRequest):
+            deployed = request.deployed_model
+            _check_model_fits(deployed.model, deployed.dedicated_resources.machine_spec, region,
+                              "deploy")
+        elif isinstance(request, aiplatform_v1.CreateBatchPredictionJobRequest):
+            job = request.batch_prediction_job
+            _check_model_fits(job.model, job.dedicated_resources.machine_spec, region, "batch")
     lines = []
     for request in requests:
         if isinstance(request, aiplatform_v1.UploadModelRequest):
@@ -180,15 +189,12 @@ def send(requests: List, region: str) -> List[str]:
             lines.append(f"Created endpoint {client.create_endpoint(request=request).result().name}")
         elif isinstance(request, aiplatform_v1.DeployModelRequest):
             deployed = request.deployed_model
-            _check_model_fits(deployed.model, deployed.dedicated_resources.machine_spec, region,
-                              "deploy")
             client = aiplatform_v1.EndpointServiceClient(client_options=options)
             response = client.deploy_model(request=request).result()
             lines.append(f"Deployed {deployed.model} as {response.deployed_model.id} to "
                          f"{request.endpoint}")
         else:
             job = request.batch_prediction_job
-            _check_model_fits(job.model, job.dedicated_resources.machine_spec, region, "batch")
             client = aiplatform_v1.JobServiceClient(client_options=options)
             name = client.create_batch_prediction_job(request=request).name
             lines += [f"Created {name}",
