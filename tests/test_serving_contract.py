@@ -213,8 +213,8 @@ def _saved_model_cli_signature(model_dir):
     return sorted(rows), method
 
 
-def test_saved_model_cli_shows_the_documented_signature(served):
-    model_dir, _, _ = served
+def test_saved_model_cli_shows_the_documented_signature(learned_job):
+    model_dir = learned_job[0].model_dir
     classes = len(export.read_class_names(model_dir))
 
     rows, method = _saved_model_cli_signature(model_dir)
