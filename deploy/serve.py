@@ -213,8 +213,11 @@ def _read_images(patterns: List[str]):
     from trainer import predict
 
     for path in predict.list_images(patterns):
-        with tf.io.gfile.GFile(path, "rb") as f:
-            yield path, f.read()
+        try:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                yield path, f.read()
+        except tf.errors.OpError as e:
+            raise app.UsageError(f"--images: cannot read {path}: {e.message}") from None
 
 
 def request_body(patterns: List[str]) -> dict:
@@ -239,10 +242,19 @@ def _local(flag_values) -> str:
             body = json.load(f)
     else:
         body = request_body(flag_values.images)
+    import tensorflow as tf
+
     try:
         response = prediction_json.predict(flag_values.model_dir, body)
     except prediction_json.RequestError as e:
         raise app.UsageError(f"The container would reject this request (HTTP 400): {e}")
+    except tf.errors.InvalidArgumentError as e:
+        # TensorFlow's message: "Graph execution error:", the node, then the reason.
+        lines = [line.strip() for line in e.message.splitlines()
+                 if line.strip() and not line.startswith(("Graph execution", "Detected at",
+                                                         "<stack", "\t"))]
+        reason = lines[0] if lines else e.message
+        raise app.UsageError(f"The model could not run this request: {reason}") from None
     return json.dumps(response, indent=2)
 
 

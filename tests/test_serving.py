@@ -228,6 +228,16 @@ def test_broken_serving_spec_is_rejected(case, tmp_path):
         serving_specs.sample_request(str(path))
 
 
+def test_header_must_give_the_serve_command(tmp_path):
+    path = tmp_path / "endpoint_cpu.yaml"
+    path.write_text("# A spec without its run command.\n# Expect: nothing.\n"
+                    + serving_specs.yaml.safe_dump(_loaded("endpoint_cpu.yaml")))
+
+    with pytest.raises(serving_specs.SpecError,
+                       match="python -m deploy.serve deploy deploy/serving/endpoint_cpu.yaml"):
+        serving_specs.load_spec(str(path))
+
+
 @pytest.mark.parametrize("options, message", [
     (dataclasses.replace(OPTIONS, model_dir="/home/me/job/model"), "artifactUri.*gs://"),
     (dataclasses.replace(OPTIONS, display_name=""), "needs --display_name"),

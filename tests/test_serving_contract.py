@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import tensorflow as tf
+from absl import app
 from absl import flags
 
 from deploy import prediction_json
@@ -180,6 +181,19 @@ def test_local_command_answers_a_request_file_and_images_alike(served, tmp_path)
         answers.append(json.loads(serve._local(flag_values)))
 
     assert answers[0] == answers[1] == {"predictions": response["predictions"][:2]}
+
+
+def test_local_command_names_an_unreadable_or_undecodable_image(served, tmp_path):
+    model_dir, _, _ = served
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(app.UsageError, match="--images: cannot read .*missing.jpg"):
+        serve.request_body([str(tmp_path / "missing.jpg")])
+
+    flag_values = flags.FlagValues()
+    serve.define_flags(flag_values)
+    flag_values(["serve", f"--model_dir={model_dir}", f"--images={tmp_path / 'notes.jpg'}"])
+    with pytest.raises(app.UsageError, match="could not run this request: Unknown image file"):
+        serve._local(flag_values)
 
 
 # ------------------------------------------------ saved_model_cli and the docs
