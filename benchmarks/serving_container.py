@@ -17,6 +17,12 @@ Run (about 3 minutes on 2 cores; the environment is made once):
     python -m benchmarks.serving_container --serving_python=/tmp/tf215/bin/python \
         --images='../shared/data/cats_and_dogs_filtered/validation/*/cat.200[0-3].jpg'
 
+``--smoke`` runs the same code at toy size (demo_cnn only, two generated
+images, the serving side under this same TensorFlow) to check that the check
+still works. It takes two TensorFlow start-ups (about 50 s on 2 busy cores),
+so the suite does not run it; tests/test_serving_contract.py runs the
+worker's session-loader path in process instead.
+
 Results go to benchmarks/results/serving_container.{json,md}. The backbones
 have random weights (the ops, not the weights, decide whether a model loads);
 each model is exported at its backbone's native size (224 px for ImageNet
@@ -49,6 +55,9 @@ flags.DEFINE_string("serving_python", None,
 flags.DEFINE_string("images", None, "Glob of JPEG images for the request body.")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where serving_container.json and .md are written.")
+flags.DEFINE_bool("smoke", False,
+                  "Toy size in seconds (demo_cnn, two generated images, served by this "
+                  "Python's TensorFlow): checks that the check runs.")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "benchmarks", "serving_container_worker.py")
@@ -56,10 +65,11 @@ WORKER = os.path.join(REPO, "benchmarks", "serving_container_worker.py")
 TOLERANCE = 1e-5
 
 
-def _export_all(root: str) -> dict:
-    """Backbone -> exported model folder, one per registered backbone."""
+def _export_all(root: str, backbones) -> dict:
+    """Backbone -> exported model folder, one per given backbone."""
     dirs = {}
-    for name, backbone in model_lib.BACKBONES.items():
+    for name in backbones:
+        backbone = model_lib.BACKBONES[name]
         size = backbone.native_size or 64
         classes = ["cat", "dog"] if name == "mobilenet_v2" else ["a", "b", "c"]
         model = model_lib.create_model(name, len(classes), size, 0.2, weights=None,
@@ -81,19 +91,24 @@ def _compare(expected: dict, got: dict) -> dict:
 
 def main(argv):
     del argv
-    if not FLAGS.serving_python or not FLAGS.images:
-        raise app.UsageError("--serving_python and --images are required.")
-    paths = sorted(glob.glob(FLAGS.images))
-    if not paths:
-        raise app.UsageError(f"--images={FLAGS.images} matches no file.")
-    body = {"instances": [prediction_json.image_instance(open(p, "rb").read()) for p in paths]}
+    if FLAGS.smoke:
+        serving_python, backbones = sys.executable, ["demo_cnn"]
+    elif not FLAGS.serving_python or not FLAGS.images:
+        raise app.UsageError("--serving_python and --images are required (or --smoke).")
+    else:
+        serving_python, backbones = FLAGS.serving_python, list(model_lib.BACKBONES)
     with tempfile.TemporaryDirectory() as root:
-        dirs = _export_all(root)
+        pattern = _smoke_images(root) if FLAGS.smoke else FLAGS.images
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise app.UsageError(f"--images={pattern} matches no file.")
+        body = {"instances": [prediction_json.image_instance(_read(p)) for p in paths]}
+        dirs = _export_all(root, backbones)
         expected = {name: prediction_json.predict(d, body) for name, d in dirs.items()}
         jobs, out = os.path.join(root, "jobs.json"), os.path.join(root, "out.json")
         with open(jobs, "w") as f:
             json.dump({"body": body, "models": list(dirs.values())}, f)
-        subprocess.run([FLAGS.serving_python, WORKER, jobs, out], check=True,
+        subprocess.run([serving_python, WORKER, jobs, out], check=True,
                        env={**os.environ, "PYTHONPATH": REPO})
         with open(out) as f:
             served = json.load(f)
@@ -104,11 +119,25 @@ def main(argv):
                      **_compare(expected[name], result["response"])})
         print(json.dumps(rows[-1]), flush=True)
     summary = {"exporting_tensorflow": tf.__version__, "serving_tensorflow": served["tensorflow"],
-               "images": [os.path.relpath(p, REPO) for p in paths], "tolerance": TOLERANCE,
-               "all_agree": all(r["agrees"] for r in rows)}
+               "images": [p if FLAGS.smoke else os.path.relpath(p, REPO) for p in paths],
+               "tolerance": TOLERANCE, "all_agree": all(r["agrees"] for r in rows)}
     command = "python -m benchmarks.serving_container " + " ".join(sys.argv[1:])
     _write(rows, summary, command)
     print(json.dumps(summary, indent=2))
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _smoke_images(root: str) -> str:
+    """Two generated JPEGs; returns their glob."""
+    from trainer.data import demo as demo_data
+
+    demo_data.write_dataset(os.path.join(root, "images"), ("circle", "square"), {"test": 1},
+                            size=32, seed=0)
+    return os.path.join(root, "images", "test", "*", "*.jpg")
 
 
 def _write(rows, summary, command):

@@ -138,6 +138,25 @@ def test_keyed_json_lines_instances_need_the_key_held_back(served, loaded):
     assert prediction_json.predict(loaded, {"instances": held_back}) == response
 
 
+def test_signature_def_path_of_tf_serving_gives_the_same_response(served):
+    """TF Serving loads the MetaGraphDef into a Session and feeds the SignatureDef's
+    tensors by name; benchmarks/serving_container.py does this under TF 2.15."""
+    from benchmarks import serving_container_worker
+
+    model_dir, images, response = served
+    body = _wire({"instances": [prediction_json.file_list_instance(_read(p))
+                                for p, _ in images[:4]]})
+
+    result = serving_container_worker.serve(model_dir, body)
+
+    assert result["method_name"] == "tensorflow/serving/predict"
+    got, expected = result["response"]["predictions"], response["predictions"][:4]
+    assert [p["label"] for p in got] == [p["label"] for p in expected]
+    for g, e in zip(got, expected):
+        assert sorted(g) == sorted(e)
+        assert g["probabilities"] == pytest.approx(e["probabilities"], abs=1e-6)
+
+
 def test_response_is_json_with_the_documented_outputs(served):
     _, _, response = served
     first = response["predictions"][0]
