@@ -23,10 +23,11 @@ prints the JSON Lines input of a batch prediction with a ``key`` (the image's
 path) on every line.
 """
 
+import dataclasses
 import json
 import re
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from absl import app
 from absl import flags
@@ -150,56 +151,67 @@ def dry_run_text(requests: List) -> str:
 # ------------------------------------------------------------- Sending
 
 
-def _client_options(region: str) -> dict:
-    return {"api_endpoint": f"{region}-aiplatform.googleapis.com"}
+@dataclasses.dataclass
+class Clients:
+    """The Vertex AI API clients the requests go through."""
+
+    model: Any  # aiplatform_v1.ModelServiceClient
+    endpoint: Any  # aiplatform_v1.EndpointServiceClient
+    job: Any  # aiplatform_v1.JobServiceClient
+
+    @classmethod
+    def for_region(cls, region: str) -> "Clients":
+        from google.cloud import aiplatform_v1
+
+        options = {"api_endpoint": f"{region}-aiplatform.googleapis.com"}
+        return cls(aiplatform_v1.ModelServiceClient(client_options=options),
+                   aiplatform_v1.EndpointServiceClient(client_options=options),
+                   aiplatform_v1.JobServiceClient(client_options=options))
 
 
-def _check_model_fits(model_name: str, machine_spec, region: str, where: str) -> None:
+def _check_model_fits(clients: Clients, model_name: str, machine_spec, where: str) -> None:
     """Online: the uploaded model's container suits the machines it is given."""
-    from google.cloud import aiplatform_v1
-
-    client = aiplatform_v1.ModelServiceClient(client_options=_client_options(region))
-    model = client.get_model(name=model_name)
+    model = clients.model.get_model(name=model_name)
     serving_specs.check_container_fits_machine(model.container_spec.image_uri, machine_spec,
                                                where)
 
 
-def send(requests: List, region: str) -> List[str]:
-    """Sends the requests and waits for each; returns the lines to print."""
+def send(requests: List, clients: Clients) -> List[str]:
+    """Sends the requests in order, waiting for each; returns the lines to print.
+
+    Raises:
+      serving_specs.SpecError: the uploaded model's container does not suit
+        the machines of a deployment or batch job (checked before anything is
+        created).
+    """
     from google.cloud import aiplatform_v1
 
-    options = _client_options(region)
-    # Refuse a container that does not suit its machines before creating anything.
     for request in requests:
         if isinstance(request, aiplatform_v1.DeployModelRequest):
             deployed = request.deployed_model
-            _check_model_fits(deployed.model, deployed.dedicated_resources.machine_spec, region,
+            _check_model_fits(clients, deployed.model, deployed.dedicated_resources.machine_spec,
                               "deploy")
         elif isinstance(request, aiplatform_v1.CreateBatchPredictionJobRequest):
             job = request.batch_prediction_job
-            _check_model_fits(job.model, job.dedicated_resources.machine_spec, region, "batch")
+            _check_model_fits(clients, job.model, job.dedicated_resources.machine_spec, "batch")
     lines = []
     for request in requests:
         if isinstance(request, aiplatform_v1.UploadModelRequest):
-            client = aiplatform_v1.ModelServiceClient(client_options=options)
-            response = client.upload_model(request=request).result()
+            response = clients.model.upload_model(request=request).result()
             lines.append(f"Uploaded {response.model}")
         elif isinstance(request, aiplatform_v1.CreateEndpointRequest):
-            client = aiplatform_v1.EndpointServiceClient(client_options=options)
-            lines.append(f"Created endpoint {client.create_endpoint(request=request).result().name}")
+            endpoint = clients.endpoint.create_endpoint(request=request).result()
+            lines.append(f"Created endpoint {endpoint.name}")
         elif isinstance(request, aiplatform_v1.DeployModelRequest):
-            deployed = request.deployed_model
-            client = aiplatform_v1.EndpointServiceClient(client_options=options)
-            response = client.deploy_model(request=request).result()
-            lines.append(f"Deployed {deployed.model} as {response.deployed_model.id} to "
-                         f"{request.endpoint}")
+            response = clients.endpoint.deploy_model(request=request).result()
+            lines.append(f"Deployed {request.deployed_model.model} as "
+                         f"{response.deployed_model.id} to {request.endpoint}")
         else:
-            job = request.batch_prediction_job
-            client = aiplatform_v1.JobServiceClient(client_options=options)
-            name = client.create_batch_prediction_job(request=request).name
-            lines += [f"Created {name}",
-                      f"Outputs: {job.output_config.gcs_destination.output_uri_prefix}/"
-                      "prediction-<model display name>-<time>/"]
+            job = clients.job.create_batch_prediction_job(request=request)
+            output = request.batch_prediction_job.output_config.gcs_destination
+            lines += [f"Created {job.name}",
+                      f"Outputs: {output.output_uri_prefix}/prediction-<model display name>-"
+                      "<time>/"]
     return lines
 
 
@@ -303,7 +315,11 @@ def _main(argv):
     if FLAGS.dry_run:
         print(dry_run_text(requests))
         return
-    print("\n".join(send(requests, FLAGS.region)))
+    try:
+        lines = send(requests, Clients.for_region(FLAGS.region))
+    except serving_specs.SpecError as e:
+        raise app.UsageError(str(e)) from None
+    print("\n".join(lines))
 
 
 def main():

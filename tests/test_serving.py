@@ -1,9 +1,10 @@
 """Vertex AI serving requests: every deploy/serving/*.yaml, built into the real
 google.cloud.aiplatform_v1 requests (model upload, endpoint creation, model
-deployment, batch prediction), the offline checks on broken ones, and the
-dry run of `python -m deploy.serve`.
+deployment, batch prediction), the offline checks on broken ones, the dry run
+of `python -m deploy.serve`, and sending through the real API clients.
 
-Nothing here talks to Google Cloud.
+Nothing here talks to Google Cloud: the clients send to a gRPC server on
+localhost that decodes and answers the real Vertex AI messages (LocalVertex).
 """
 
 import copy
@@ -313,3 +314,143 @@ def test_request_json_round_trips_through_the_real_type():
     assert parsed == aiplatform_v1.CreateBatchPredictionJobRequest.pb(request)
     assert json.loads(serving_specs.request_json(request))["batchPredictionJob"][
         "instanceConfig"] == {"keyField": "key"}
+
+
+# ------------------------------------- Sending, to a local server of the real API
+
+
+class LocalVertex:
+    """A gRPC server on localhost that speaks the Vertex AI protos and records requests.
+
+    Long-running methods answer with a finished google.longrunning.Operation
+    whose response is the real response message, as Vertex AI does when done.
+    """
+
+    def __init__(self, model_image):
+        import grpc
+        from concurrent import futures
+
+        self.model_image = model_image
+        self.received = []
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self._server.add_generic_rpc_handlers(self._handlers())
+        port = self._server.add_insecure_port("localhost:0")
+        self._server.start()
+        self.channels = []
+        self.address = f"localhost:{port}"
+
+    def _handlers(self):
+        import grpc
+        from google.longrunning import operations_pb2
+
+        def operation(response):
+            op = operations_pb2.Operation(name="operations/1", done=True)
+            op.response.Pack(type(response).pb(response))
+            return op
+
+        def method(request_type, answer):
+            def handle(request, context):
+                self.received.append(request_type.wrap(request))
+                reply = answer(request_type.wrap(request))
+                return reply if isinstance(reply, operations_pb2.Operation) else \
+                    type(reply).pb(reply)
+            return grpc.unary_unary_rpc_method_handler(
+                handle, request_deserializer=request_type.pb().FromString,
+                response_serializer=lambda message: message.SerializeToString())
+
+        v1 = aiplatform_v1
+        services = {
+            "ModelService": {
+                "UploadModel": method(v1.UploadModelRequest, lambda r: operation(
+                    v1.UploadModelResponse(model=f"{r.parent}/models/{r.model_id}"))),
+                "GetModel": method(v1.GetModelRequest, lambda r: v1.Model(
+                    name=r.name, container_spec=v1.ModelContainerSpec(image_uri=self.model_image))),
+            },
+            "EndpointService": {
+                "CreateEndpoint": method(v1.CreateEndpointRequest, lambda r: operation(
+                    v1.Endpoint(name=f"{r.parent}/endpoints/{r.endpoint_id}"))),
+                "DeployModel": method(v1.DeployModelRequest, lambda r: operation(
+                    v1.DeployModelResponse(deployed_model=v1.DeployedModel(id="4242")))),
+            },
+            "JobService": {
+                "CreateBatchPredictionJob": method(
+                    v1.CreateBatchPredictionJobRequest, lambda r: v1.BatchPredictionJob(
+                        name=f"{r.parent}/batchPredictionJobs/77")),
+            },
+        }
+        return [grpc.method_handlers_generic_handler(f"google.cloud.aiplatform.v1.{name}", table)
+                for name, table in services.items()]
+
+    def clients(self):
+        import grpc
+        from google.cloud.aiplatform_v1.services.endpoint_service import transports as endpoint_t
+        from google.cloud.aiplatform_v1.services.job_service import transports as job_t
+        from google.cloud.aiplatform_v1.services.model_service import transports as model_t
+
+        def channel():
+            self.channels.append(grpc.insecure_channel(self.address))
+            return self.channels[-1]
+
+        return serve.Clients(
+            aiplatform_v1.ModelServiceClient(transport=model_t.ModelServiceGrpcTransport(
+                channel=channel())),
+            aiplatform_v1.EndpointServiceClient(transport=endpoint_t.EndpointServiceGrpcTransport(
+                channel=channel())),
+            aiplatform_v1.JobServiceClient(transport=job_t.JobServiceGrpcTransport(
+                channel=channel())))
+
+    def stop(self):
+        for channel in self.channels:
+            channel.close()
+        self._server.stop(None)
+
+
+@pytest.fixture
+def vertex(request):
+    """A LocalVertex whose uploaded model has the image given by the test's parameter."""
+    server = LocalVertex(getattr(request, "param",
+                                 "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"))
+    yield server
+    server.stop()
+
+
+def test_upload_is_sent_as_built(vertex):
+    requests = serve.build_requests("upload", _spec("model_tf_cpu.yaml"), OPTIONS)
+
+    lines = serve.send(requests, vertex.clients())
+
+    assert vertex.received == requests
+    assert lines == [f"Uploaded {PARENT}/models/gpu-l4-20250102-030405"]
+
+
+def test_deploy_checks_the_model_then_creates_the_endpoint_and_deploys(vertex):
+    requests = serve.build_requests("deploy", _spec("endpoint_cpu.yaml"), OPTIONS)
+
+    lines = serve.send(requests, vertex.clients())
+
+    assert [type(r).__name__ for r in vertex.received] == [
+        "GetModelRequest", "CreateEndpointRequest", "DeployModelRequest"]
+    assert vertex.received[0].name == f"{PARENT}/models/gpu-l4-20250102-030405"
+    assert vertex.received[1:] == requests
+    assert lines == [f"Created endpoint {PARENT}/endpoints/gpu-l4-20250102-030405",
+                     f"Deployed {PARENT}/models/gpu-l4-20250102-030405 as 4242 to "
+                     f"{PARENT}/endpoints/gpu-l4-20250102-030405"]
+
+
+def test_batch_job_is_created(vertex):
+    requests = serve.build_requests("batch", _spec("batch_file_list.yaml"), OPTIONS)
+
+    lines = serve.send(requests, vertex.clients())
+
+    assert vertex.received[1:] == requests
+    assert lines[0] == f"Created {PARENT}/batchPredictionJobs/77"
+
+
+@pytest.mark.parametrize("vertex", ["us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"],
+                         indirect=True)
+def test_a_cpu_model_on_a_gpu_endpoint_is_refused_before_anything_is_created(vertex):
+    requests = serve.build_requests("deploy", _spec("endpoint_gpu_t4.yaml"), OPTIONS)
+
+    with pytest.raises(serving_specs.SpecError, match="CPU-only, so the GPU would sit idle"):
+        serve.send(requests, vertex.clients())
+    assert [type(r).__name__ for r in vertex.received] == ["GetModelRequest"]
