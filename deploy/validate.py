@@ -30,7 +30,6 @@ Command line (exit status 1 when any spec fails)::
 """
 
 import dataclasses
-import glob
 import os
 import re
 import sys
@@ -39,30 +38,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import yaml
 from absl import flags
 
+from deploy.machines import check_machine, is_tpu_host
+from deploy.spec_files import (  # noqa: F401  (re-exported)
+    DEPLOY_DIR, OPTIONAL_PLACEHOLDERS, PLACEHOLDER, PLACEHOLDERS, SAMPLE_VALUES, SpecError,
+    check_header, load_spec, render, spec_paths)
 from trainer import config as config_lib
-
-DEPLOY_DIR = os.path.dirname(os.path.abspath(__file__))
 
 CUSTOM_JOB = "custom_job"
 TUNING_JOB = "hyperparameter_tuning_job"
-
-PLACEHOLDER = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")
-# Filled in by deploy.submit. A key whose whole value is an optional
-# placeholder left unset is dropped from the request.
-PLACEHOLDERS = ("PROJECT", "REGION", "BUCKET", "IMAGE_URI", "PACKAGE_URI", "DATA_DIR",
-                "SERVICE_ACCOUNT", "JOB_NAME", "TENSORBOARD")
-OPTIONAL_PLACEHOLDERS = frozenset({"TENSORBOARD"})
-SAMPLE_VALUES = {
-    "PROJECT": "example-project",
-    "REGION": "us-central1",
-    "BUCKET": "example-bucket",
-    "IMAGE_URI": "us-central1-docker.pkg.dev/example-project/trainer/trainer:latest",
-    "PACKAGE_URI": "gs://example-bucket/packages/example-job/transfer-trainer.tar.gz",
-    "DATA_DIR": "gs://example-bucket/data",
-    "SERVICE_ACCOUNT": "vertex-trainer@example-project.iam.gserviceaccount.com",
-    "JOB_NAME": "example-job",
-    "TENSORBOARD": "projects/example-project/locations/us-central1/tensorboards/123",
-}
 
 # Vertex AI service images that run no trainer code.
 REDUCTION_SERVER_IMAGE = re.compile(
@@ -73,127 +56,10 @@ _CAMEL_CASE = re.compile(r"^[a-z][a-zA-Z0-9]*$")
 # Mappings whose keys are user data, not field names.
 _FREE_KEY_FIELDS = frozenset({"labels", "trafficSplit"})
 
-# Machine families with built-in GPUs: the type is fixed, the count is in the
-# name (a2-highgpu-4g has 4).
-_BUILT_IN_GPUS = {
-    "a2-highgpu-": "NVIDIA_TESLA_A100",
-    "a2-megagpu-": "NVIDIA_TESLA_A100",
-    "a2-ultragpu-": "NVIDIA_A100_80GB",
-    "a3-highgpu-": "NVIDIA_H100_80GB",
-    "a3-megagpu-": "NVIDIA_H100_MEGA_80GB",
-    "a3-ultragpu-": "NVIDIA_H200_141GB",
-    "a4-highgpu-": "NVIDIA_B200",
-}
-# G2 machines carry NVIDIA L4s; the count is not in the name.
-_G2_L4_COUNTS = {"g2-standard-4": 1, "g2-standard-8": 1, "g2-standard-12": 1,
-                 "g2-standard-16": 1, "g2-standard-24": 2, "g2-standard-32": 1,
-                 "g2-standard-48": 4, "g2-standard-96": 8}
-# N1 machines take attached GPUs in these counts.
-_N1_GPU_COUNTS = {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_V100": (1, 2, 4, 8),
-                  "NVIDIA_TESLA_P100": (1, 2, 4), "NVIDIA_TESLA_P4": (1, 2, 4)}
-# TPU VM hosts: ct5lp-hightpu-4t is one host with four TPU v5e chips.
-_TPU_HOSTS = {"ct5lp-hightpu-": "TPU_V5_LITEPOD"}
-
-
-class SpecError(ValueError):
-    """A spec that would fail at submit time or run wrongly; says where and why."""
-
-
-# ------------------------------------------------------------------ Loading
-
-
-def spec_paths(deploy_dir: str = DEPLOY_DIR) -> List[str]:
-    """Every spec in ``deploy_dir``, sorted."""
-    return sorted(glob.glob(os.path.join(deploy_dir, "*.yaml")))
-
-
-def load_spec(path: str) -> Dict[str, Any]:
-    """Reads a spec file; its header comment is checked, its YAML returned."""
-    with open(path) as f:
-        text = f.read()
-    check_header(text, path)
-    spec = yaml.safe_load(text)
-    if not isinstance(spec, dict):
-        raise SpecError(f"{path}: not a YAML mapping.")
-    return spec
-
-
-def check_header(text: str, path: str, command: str = "") -> None:
-    """The file opens with comments giving its run command and what to expect.
-
-    Args:
-      text: the file's text.
-      path: the file, for messages.
-      command: the run command the header must contain; default
-        ``python -m deploy.submit deploy/<file name>``.
-    """
-    header = []
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        header.append(line)
-    header_text = "\n".join(header)
-    command = command or f"python -m deploy.submit deploy/{os.path.basename(path)}"
-    if command not in header_text:
-        raise SpecError(f"{path}: the header comment must give the run command "
-                        f"({command!r} ...).")
-    if "# Expect" not in header_text:
-        raise SpecError(f"{path}: the header comment must say what to expect "
-                        "(a line starting '# Expect').")
-
-
 def spec_kind(spec: Mapping[str, Any]) -> str:
     """TUNING_JOB for a spec with a studySpec or trialJobSpec, else CUSTOM_JOB."""
     tuning_keys = {"studySpec", "trialJobSpec", "study_spec", "trial_job_spec"}
     return TUNING_JOB if tuning_keys & set(spec) else CUSTOM_JOB
-
-
-def render(spec: Any, values: Mapping[str, str]) -> Any:
-    """Returns ``spec`` with ``{NAME}`` placeholders replaced by ``values``.
-
-    Args:
-      spec: parsed YAML.
-      values: placeholder values; optional placeholders may be missing.
-
-    Raises:
-      SpecError: an unknown placeholder, a required one without a value, or
-        an unquoted placeholder (which YAML reads as a mapping).
-    """
-    if isinstance(spec, dict):
-        _reject_unquoted_placeholder(spec)
-        rendered = {}
-        for key, value in spec.items():
-            if _is_unset_optional(value, values):
-                continue
-            rendered[key] = render(value, values)
-        return rendered
-    if isinstance(spec, list):
-        return [render(item, values) for item in spec]
-    if isinstance(spec, str):
-        return PLACEHOLDER.sub(lambda m: _placeholder_value(m.group(1), values), spec)
-    return spec
-
-
-def _is_unset_optional(value: Any, values: Mapping[str, str]) -> bool:
-    match = PLACEHOLDER.fullmatch(value) if isinstance(value, str) else None
-    return bool(match and match.group(1) in OPTIONAL_PLACEHOLDERS
-                and not values.get(match.group(1)))
-
-
-def _placeholder_value(name: str, values: Mapping[str, str]) -> str:
-    if name not in PLACEHOLDERS:
-        raise SpecError(f"Unknown placeholder {{{name}}}; known: {list(PLACEHOLDERS)}.")
-    if not values.get(name):
-        raise SpecError(f"Placeholder {{{name}}} has no value.")
-    return values[name]
-
-
-def _reject_unquoted_placeholder(node: dict) -> None:
-    if len(node) == 1:
-        (key, value), = node.items()
-        if value is None and isinstance(key, str) and re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
-            raise SpecError(f'Unquoted placeholder {{{key}}}: YAML reads it as a '
-                            f'mapping; write "{{{key}}}".')
 
 
 # ------------------------------------------------------------- Validation
@@ -298,7 +164,7 @@ def check_custom_job_spec(job_spec, where: str,
             raise SpecError(f"{where}: --{flag} is tuned by the study; remove it from args.")
     config = check_trainer_args(trainer_args, f"{where}: trainer args")
     chief_machine = pools[0].machine_spec.machine_type
-    if chief_machine.startswith(tuple(_TPU_HOSTS)) and not config.tpu:
+    if is_tpu_host(chief_machine) and not config.tpu:
         raise SpecError(f"{where}: {chief_machine} is a TPU VM; pass --tpu=local, or the "
                         "trainer runs on the host's CPUs.")
     if not job_spec.base_output_directory.output_uri_prefix:
@@ -325,57 +191,6 @@ def _check_pool_counts(pools, where: str) -> None:
 
 def _is_empty_pool(pool) -> bool:
     return not pool.machine_spec.machine_type and not pool.replica_count
-
-
-def check_machine(machine_spec, where: str) -> None:
-    """The accelerator type and count of an aiplatform_v1.MachineSpec fit the machine type."""
-    machine = machine_spec.machine_type
-    accelerator = machine_spec.accelerator_type.name
-    count = machine_spec.accelerator_count
-    if not machine:
-        raise SpecError(f"{where}.machineType is required.")
-    if accelerator == "ACCELERATOR_TYPE_UNSPECIFIED":
-        accelerator = ""
-    if bool(accelerator) != bool(count):
-        raise SpecError(f"{where}: acceleratorType and acceleratorCount go together; "
-                        f"got {accelerator or 'no type'} x {count}.")
-    allowed = _allowed_accelerators(machine)
-    if allowed is None:
-        raise SpecError(f"{where}: machineType {machine} is not a family this validator "
-                        "knows; add it to deploy/validate.py.")
-    if accelerator and (accelerator, count) not in allowed:
-        options = ", ".join(f"{a} x {c}" for a, c in sorted(allowed)) or "no accelerator"
-        raise SpecError(f"{where}: {machine} cannot take {accelerator} x {count}; "
-                        f"it takes {options}.")
-    if not accelerator and _requires_accelerator(machine):
-        raise SpecError(f"{where}: {machine} comes with accelerators; set acceleratorType "
-                        f"and acceleratorCount ({sorted(allowed)}).")
-
-
-def _allowed_accelerators(machine: str) -> Optional[set]:
-    """(type, count) pairs a machine takes; empty for CPU-only, None if unknown."""
-    for prefix, gpu in _BUILT_IN_GPUS.items():
-        match = re.fullmatch(re.escape(prefix) + r"(\d+)g", machine)
-        if match:
-            return {(gpu, int(match.group(1)))}
-    if machine in _G2_L4_COUNTS:
-        return {("NVIDIA_L4", _G2_L4_COUNTS[machine])}
-    for prefix, tpu in _TPU_HOSTS.items():
-        match = re.fullmatch(re.escape(prefix) + r"(\d+)t", machine)
-        if match:
-            return {(tpu, int(match.group(1)))}
-    if machine == "cloud-tpu":
-        return {("TPU_V2", 8), ("TPU_V3", 8)}
-    if machine.startswith("n1-"):
-        return {(gpu, n) for gpu, counts in _N1_GPU_COUNTS.items() for n in counts}
-    if re.match(r"(n2|n2d|e2|c2|c2d|m1)-", machine):
-        return set()
-    return None
-
-
-def _requires_accelerator(machine: str) -> bool:
-    # TPU hosts may leave the accelerator implicit (tpuTopology says the slice).
-    return machine in _G2_L4_COUNTS or any(machine.startswith(p) for p in _BUILT_IN_GPUS)
 
 
 def _trainer_args(pools, where: str) -> List[str]:
