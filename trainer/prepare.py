@@ -52,6 +52,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "Downscale images whose longer side exceeds this many pixels (aspect "
         "ratio kept); 0 keeps every size.", **fv)
     flags.DEFINE_integer(
+        "max_image_pixels", defaults.max_image_pixels,
+        "Largest image accepted, in decoded pixels (width x height, read from the "
+        "header before decoding); a larger one (a decompression bomb) is skipped and "
+        "reported. The default is Pillow's MAX_IMAGE_PIXELS.", **fv)
+    flags.DEFINE_integer(
         "jpeg_quality", defaults.jpeg_quality,
         "JPEG quality (1-100) of converted or downscaled images; JPEGs already "
         "in RGB are stored unchanged.", **fv)
@@ -90,6 +95,7 @@ def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> prepare_l
         shard_bytes=max(1, int(flag_values.shard_mb * 2**20)),
         workers=flag_values.workers,
         max_side=flag_values.max_side,
+        max_image_pixels=flag_values.max_image_pixels,
         jpeg_quality=flag_values.jpeg_quality,
         split_fractions=tuple(float(f) for f in flag_values.split_fractions),
         test_fraction=flag_values.test_fraction,
