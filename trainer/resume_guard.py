@@ -103,10 +103,14 @@ def _listing_identity(data: pipeline.DatasetInfo, data_dir: str) -> str:
     """Counts per split and a hash of every (split, file, label), paths relative to the data.
 
     Relative paths: the same data copied elsewhere (or to gs://) resumes. Prepared
-    records are identified by their shards and counts.
+    records are identified by their shards, counts and the fingerprint of the plan that
+    made them (their manifest's, which covers the input listing and the options).
     """
     root = data_dir.rstrip("/") + "/"
     digest = hashlib.sha256()
+    if any(split.is_records for split in data.splits.values()):
+        digest.update(records.read_manifest(root).get("source", {}).get(
+            "fingerprint", "").encode())
     counts = []
     for name, split in sorted(data.splits.items()):
         counts.append(f"{name} {split.count}")
@@ -179,10 +183,11 @@ def _refusal(config: config_lib.Config, path: str, changed: List[str]) -> str:
 
 
 def _read(path: str) -> Optional[Dict]:
-    if not tf.io.gfile.exists(path):
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f)
+    except tf.errors.NotFoundError:  # None yet, or the chief is discarding it right now.
         return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
 
 
 def _barrier(strategy: tf.distribute.Strategy) -> None:
