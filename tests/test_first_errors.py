@@ -120,3 +120,19 @@ def test_no_credentials_is_named_with_gcloud_login(tmp_path):
     assert "Traceback" not in err
     assert not (tmp_path / "job").exists()
     print(f"no credentials refused after {seconds:.1f} s")
+
+
+def test_prepare_names_a_missing_input_bucket(gcs, tmp_path):
+    from absl import app
+    from absl import flags
+
+    from trainer import prepare as prepare_cli
+
+    fv = flags.FlagValues()
+    prepare_cli.define_flags(fv)
+    fv(["prepare", "--input_dir=gs://no-such-bucket-15/images",
+        f"--output_dir={tmp_path / 'out'}"])
+    with pytest.raises(app.UsageError, match="--input_dir=gs://no-such-bucket-15/images: the "
+                                             "bucket gs://no-such-bucket-15 does not exist"):
+        prepare_cli.run(fv)
+    assert not (tmp_path / "out").exists()

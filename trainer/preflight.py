@@ -36,7 +36,6 @@ from typing import Dict, Iterable, List, Sequence
 import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import model as model_lib
 from trainer import recipe
 
 KERAS_CACHE = os.path.join("~", ".keras", "models")  # Where tf_keras keeps downloads.
@@ -53,6 +52,8 @@ def check_run(config: config_lib.Config) -> None:
     Raises:
       PreflightError: the first problem found, naming its flag or path.
     """
+    from trainer import model as model_lib  # Keras: only where weights are checked.
+
     check_gcs_paths(_gcs_paths(config))
     if config.weights == "imagenet":
         native = model_lib.BACKBONES[config.backbone].native_size
@@ -83,12 +84,16 @@ def _gcs_paths(config: config_lib.Config) -> Dict[str, str]:
 
 def imagenet_files(backbone: str, image_sizes: Iterable[int]) -> List[str]:
     """Download paths (relative to model.IMAGENET_URL) of the files a run may load."""
+    from trainer import model as model_lib
+
     spec = model_lib.BACKBONES[backbone]
     return sorted({spec.imagenet_file_for(size) for size in image_sizes} - {""})
 
 
 def check_imagenet_weights(backbone: str, image_sizes: Sequence[int]) -> None:
     """Raises PreflightError unless the backbone's ImageNet weights are cached or reachable."""
+    from trainer import model as model_lib
+
     if not model_lib.BACKBONES[backbone].imagenet_file:
         raise PreflightError(f"--weights=imagenet: --backbone={backbone} has no ImageNet "
                              "weights; use --weights=none or a Keras weights file.")
@@ -106,6 +111,8 @@ def check_imagenet_weights(backbone: str, image_sizes: Sequence[int]) -> None:
 
 
 def offline_message(backbone: str, files: Sequence[str], reason: str) -> str:
+    from trainer import model as model_lib
+
     names = ", ".join(os.path.basename(f) for f in files)
     return (f"--weights=imagenet: the ImageNet weights of {backbone} are not in Keras's "
             f"cache ({KERAS_CACHE}) and cannot be downloaded from "

@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import preflight
 from trainer.data import prepare as prepare_lib
 
 FLAGS = flags.FLAGS
@@ -117,9 +118,12 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> int:
         if not flag_values[name].value:
             raise app.UsageError(f"--{name} is required.", exitcode=2)
     try:
+        # A missing bucket or refused access: named before any file is listed.
+        preflight.check_gcs_paths({"--input_dir": flag_values.input_dir,
+                                   "--output_dir": flag_values.output_dir})
         result = prepare_lib.prepare(flag_values.input_dir, flag_values.output_dir,
                                      options_from_flags(flag_values))
-    except prepare_lib.PrepareError as e:
+    except (prepare_lib.PrepareError, preflight.PreflightError) as e:
         raise app.UsageError(str(e), exitcode=2) from None
     if not result.ok:
         logging.error("No manifest written: %s", " ".join(result.errors))
