@@ -155,3 +155,26 @@ def test_the_command_line_refuses_with_one_message(job):
     assert result.returncode == 1
     assert "  fine_tune_at: 5 -> 3" in result.stderr, result.stderr[-3000:]
     assert "--discard_backups" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_workers_both_refuse_then_discard_together(job, tmp_path):
+    """Real MultiWorkerMirrored processes: every worker compares, so both refuse; with
+    --discard_backups the chief deletes while the other waits for it, and both finish."""
+    from workers import Job
+
+    args = [f"--data_dir={job.data_dir}", f"--job_dir={job.job_dir}", "--weights=none",
+            "--backbone=demo_cnn", "--fine_tune_at=3", "--image_size=32", "--batch_size=2",
+            "--recipe=tutorial", "--epochs=1", "--fine_tune_epochs=1", "--augment=false",
+            "--restart_wait_seconds=60"]
+    log = str(tmp_path / "workers.log")
+    with Job(args, 2, log) as refused:
+        assert refused.wait(240) == [1, 1], refused.chief.tail()
+    for worker in refused.workers:
+        assert worker.matches(r"  fine_tune_at: 5 -> 3")
+    with Job(args + ["--discard_backups"], 2, log) as fresh:
+        assert fresh.wait(300) == [0, 0], fresh.chief.tail() + fresh.workers[1].tail()
+    assert fresh.chief.matches(r"--discard_backups: .* holds backups of another run")
+    recorded = json.load(open(f"{job.checkpoint_dir}/{resume_guard.FILE}"))
+    assert recorded["fields"]["fine_tune_at"] == 3 and recorded["fields"]["global_batch"] == 4
+    # Phase 2 of one epoch from scratch at global batch 4: 6 steps.
+    assert optimizer_iterations(f"{job.checkpoint_dir}/phase2") == STEPS
