@@ -10,7 +10,6 @@ refusals of a private bucket the refusing stand-in of tests/gcs_refusing.py.
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest

@@ -23,7 +23,6 @@ from trainer import train
 from trainer.data import images
 from trainer.data import pipeline
 from trainer.data import prepare as prepare_lib
-from trainer.data import records
 from trainer.data import screen
 
 # 144 M pixels: over --max_image_pixels' default (89.5 M) but under Pillow's own hard stop

@@ -23,7 +23,7 @@ see the same pixels.
 import dataclasses
 import io
 import warnings
-from typing import Optional, Tuple
+from typing import Tuple
 
 from PIL import Image, UnidentifiedImageError
 
