@@ -155,18 +155,27 @@ def _check_gcs_path(label: str, path: str) -> None:
     try:
         if tf.io.gfile.exists(path):
             return
+    except tf.errors.OpError as e:
+        _raise_for(label, path, bucket, e)
+    try:  # Not there (an output folder may not be yet): is its bucket?
         tf.io.gfile.stat(f"gs://{bucket}")
     except tf.errors.NotFoundError as e:
         raise PreflightError(
             f"{label}={path}: the bucket gs://{bucket} does not exist (TensorFlow: "
             f"{_first_line(e)}). Check the name, or create it: "
             f"gcloud storage buckets create gs://{bucket} --location=REGION.") from None
-    except tf.errors.OpError as e:
-        message = _first_line(e)
-        if not any(code in message for code in ("401", "403")) and not isinstance(
-                e, (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError)):
-            raise PreflightError(f"{label}={path}: Cloud Storage error: {message}") from None
-        raise PreflightError(_access_message(label, path, bucket, message)) from None
+    except tf.errors.OpError:
+        # Reading a bucket's metadata needs storage.buckets.get, which accounts with
+        # object roles alone lack: no verdict, the run goes on.
+        pass
+
+
+def _raise_for(label: str, path: str, bucket: str, e: tf.errors.OpError) -> None:
+    message = _first_line(e)
+    if not any(code in message for code in ("401", "403")) and not isinstance(
+            e, (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError)):
+        raise PreflightError(f"{label}={path}: Cloud Storage error: {message}") from None
+    raise PreflightError(_access_message(label, path, bucket, message)) from None
 
 
 def _access_message(label: str, path: str, bucket: str, message: str) -> str:
