@@ -104,6 +104,9 @@ class Config:
     strict: bool = False
     flatten_nested: bool = False
     class_weighting: str = "none"
+    # Hostile input and job-dir safety (issue 15): trainer/data/images.py, resume_guard.py.
+    max_image_pixels: int = 89_478_485
+    discard_backups: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -237,6 +240,7 @@ def validate(config: Config, check_paths: bool = True) -> None:
          "summing to 1"),
         ("class_weighting", config.class_weighting in ("none", "balanced"),
          "must be 'none' or 'balanced'"),
+        ("max_image_pixels", config.max_image_pixels >= 1, "must be at least 1"),
         ("tpu", not (config.tpu and config.strategy not in ("auto", "tpu")),
          f"is set but --strategy={config.strategy}; use --strategy=tpu or auto"),
     ]
@@ -253,11 +257,9 @@ def validate(config: Config, check_paths: bool = True) -> None:
 
 
 def _validate_weights(weights: str) -> None:
-    import tensorflow as tf
-
     if weights in ("imagenet", "none"):
         return
-    if not tf.io.gfile.exists(weights):
+    if not _exists("--weights", weights):
         raise ConfigError(
             f"--weights={weights!r}: no such file; use 'imagenet', 'none' or "
             "the path of a Keras weights file.")
@@ -265,15 +267,40 @@ def _validate_weights(weights: str) -> None:
 
 def _validate_data_dir(data_dir: str) -> None:
     """That --data_dir names something with a layout (one listing of its top folder)."""
+    import tensorflow as tf
+
     from trainer.data import sources
 
+    _check_gcs("--data_dir", data_dir)
     try:
         sources.detect_layout(data_dir)
-    except sources.DataError as e:
+    except (sources.DataError, tf.errors.OpError) as e:
         raise ConfigError(f"--data_dir={data_dir!r}: {e} Expected train/ and validation/ "
                           "of class-named subfolders, class folders alone, Vertex AI "
                           "import files (.csv, .jsonl) or a manifest.json from "
                           "trainer.prepare.") from None
+
+
+def _exists(label: str, path: str) -> bool:
+    import tensorflow as tf
+
+    _check_gcs(label, path)
+    try:
+        return tf.io.gfile.exists(path)
+    except tf.errors.OpError:
+        return False
+
+
+def _check_gcs(label: str, path: str) -> None:
+    """For gs:// paths: raises a missing bucket or refused access with the way out.
+
+    First, so that TensorFlow's own terse error (or, without credentials, its
+    retries of every request) is met once, here.
+    """
+    from trainer import preflight
+
+    for part in path.split(","):
+        preflight.check_gcs_paths({label: part})
 
 
 def write_config(config: Config, directory: str) -> str:

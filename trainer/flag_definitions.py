@@ -173,6 +173,22 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "error, and `python -m trainer.tflite` converts any exported model "
         "later.", **fv)
     _define_data_flags(fv)
+    _define_safety_flags(fv)
+
+
+def _define_safety_flags(fv: dict) -> None:
+    """Flags of hostile input and job-dir safety (trainer/data/images.py, resume_guard.py)."""
+    flags.DEFINE_integer(
+        "max_image_pixels", 89_478_485,
+        "Largest image accepted, in decoded pixels (width x height, read from the "
+        "file's header before decoding); a larger one (e.g. a decompression bomb) is "
+        "skipped and reported by path. The default is Pillow's MAX_IMAGE_PIXELS.", **fv)
+    flags.DEFINE_bool(
+        "discard_backups", False,
+        "When the job dir holds backups of a different run (another backbone, weights, "
+        "image size, schedule, classes or data; see trainer/resume_guard.py), delete "
+        "them and their finished-phase records and start afresh instead of refusing. "
+        "Backups of this same run are still resumed.", **fv)
 
 
 def _define_data_flags(fv: dict) -> None:

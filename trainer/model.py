@@ -34,12 +34,25 @@ class Backbone:
       fine_tune_at: default first layer unfrozen in phase 2.
       native_size: the input side its ImageNet weights were trained at, or
         None (no pre-trained weights).
+      imagenet_file: where Keras downloads its ImageNet weights from, relative
+        to IMAGENET_URL, ``{size}`` standing for one of ``imagenet_sizes``;
+        Keras keeps the file as ``~/.keras/models/<its name>``
+        (trainer/preflight.py checks it is there or can be downloaded).
+      imagenet_sizes: input sides with weights of their own; any other side
+        loads the ``native_size`` file.
     """
 
     build: Callable[[Tuple[int, int, int], Optional[str]], keras.Model]
     rescale: Optional[Tuple[float, float]]
     fine_tune_at: int
     native_size: Optional[int] = 224
+    imagenet_file: str = ""
+    imagenet_sizes: Tuple[int, ...] = ()
+
+    def imagenet_file_for(self, image_size: int) -> str:
+        """The ``imagenet_file`` that Keras downloads for this input side."""
+        size = image_size if image_size in self.imagenet_sizes else self.native_size
+        return self.imagenet_file.format(size=size)
 
 
 def _build_demo_cnn(input_shape, weights):
@@ -71,6 +84,7 @@ def _application(constructor, **kwargs):
 
 
 _TO_MINUS_ONE_ONE = (1.0 / 127.5, -1.0)
+IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 # One entry per backbone; adding a backbone is adding an entry.
 # fine_tune_at follows the recipe's MobileNetV2 value (layer 100 of 154):
@@ -78,18 +92,23 @@ _TO_MINUS_ONE_ONE = (1.0 / 127.5, -1.0)
 # first layer of a block (layer counts as tf_keras 2.21 builds them).
 BACKBONES = {
     "mobilenet_v2": Backbone(
-        _application(keras.applications.MobileNetV2, alpha=1.0), _TO_MINUS_ONE_ONE, 100),
+        _application(keras.applications.MobileNetV2, alpha=1.0), _TO_MINUS_ONE_ONE, 100,
+        imagenet_file="mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_"
+                      "{size}_no_top.h5", imagenet_sizes=(96, 128, 160, 192, 224)),
     "mobilenet_v3_small": Backbone(  # 229 layers; 154 starts expanded_conv_8.
         _application(keras.applications.MobileNetV3Small, include_preprocessing=True),
-        None, 154),
+        None, 154,
+        imagenet_file="mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
     "mobilenet_v3_large": Backbone(  # 263 layers; 165 starts expanded_conv_11.
         _application(keras.applications.MobileNetV3Large, include_preprocessing=True),
-        None, 165),
+        None, 165,
+        imagenet_file="mobilenet_v3/weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
     "efficientnet_v2_b0": Backbone(  # 270 layers; 177 starts block6c.
         _application(keras.applications.EfficientNetV2B0, include_preprocessing=True),
-        None, 177),
+        None, 177, imagenet_file="efficientnet_v2/efficientnetv2-b0_notop.h5"),
     "resnet50_v2": Backbone(  # 190 layers; 120 starts conv4_block4.
-        _application(keras.applications.ResNet50V2), _TO_MINUS_ONE_ONE, 120),
+        _application(keras.applications.ResNet50V2), _TO_MINUS_ONE_ONE, 120,
+        imagenet_file="resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     "demo_cnn": Backbone(_build_demo_cnn, _TO_MINUS_ONE_ONE, 6, native_size=None),  # Blocks 2-4.
 }
 

@@ -9,7 +9,9 @@ local or gs://, and may be repeated. The model's ``serving_default``
 signature (encoded image bytes) does the work, so images are decoded and
 resized exactly as the deployed model does it.
 
-An image that cannot be read or decoded gets its own error and the others
+An image that cannot be read or decoded, or whose header gives more than
+``--max_image_pixels`` pixels (checked before the model decodes it), gets
+its own error and the others
 still run; the command exits 1 only when no image was predicted.
 
 Output: a line per image (errors on stderr), or with ``--json`` one JSON
@@ -26,6 +28,7 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
+from trainer.data import images
 from trainer.data import pipeline
 
 BATCH_SIZE = 32
@@ -57,7 +60,8 @@ def _images_under(folder: str) -> List[str]:
 
 
 def predict_files(model_dir: str, paths: Sequence[str], top_k: int = 1,
-                  batch_size: int = BATCH_SIZE) -> Iterator[Dict]:
+                  batch_size: int = BATCH_SIZE,
+                  max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Iterator[Dict]:
     """Yields one result per path, in order: a prediction or an error.
 
     Args:
@@ -65,11 +69,13 @@ def predict_files(model_dir: str, paths: Sequence[str], top_k: int = 1,
       paths: image files, local or gs://.
       top_k: how many of the most probable classes each result lists.
       batch_size: images per call of the model.
+      max_pixels: an image whose header gives more pixels gets an error and
+        is never decoded (a decompression bomb).
     """
     serve = tf.saved_model.load(model_dir).signatures["serving_default"]
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        contents = {path: _read(path) for path in chunk}
+        contents = {path: _read(path, max_pixels) for path in chunk}
         readable = [p for p in chunk if isinstance(contents[p], bytes)]
         outputs = dict(zip(readable, _predict_bytes(serve, [contents[p] for p in readable])))
         for path in chunk:
@@ -80,13 +86,15 @@ def predict_files(model_dir: str, paths: Sequence[str], top_k: int = 1,
                 yield {"path": path, **_top_classes(outcome, top_k)}
 
 
-def _read(path: str) -> Union[bytes, str]:
-    """The file's bytes, or an error message."""
+def _read(path: str, max_pixels: int) -> Union[bytes, str]:
+    """The file's bytes, or an error message (unreadable, or too large to decode)."""
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
-            return f.read()
+            data = f.read()
     except tf.errors.OpError as e:
         return f"cannot read the file: {e.message}"
+    # The serving model would decode it in full: check the header's size first.
+    return images.oversize_reason(data, max_pixels) or data
 
 
 def _predict_bytes(serve, contents: List[bytes]) -> List[Union[Dict, str]]:
@@ -142,6 +150,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool("json", False, "Print one JSON object per image per line (JSON Lines).",
                       **fv)
     flags.DEFINE_integer("batch_size", BATCH_SIZE, "Images per call of the model.", **fv)
+    flags.DEFINE_integer(
+        "max_image_pixels", images.DEFAULT_MAX_PIXELS,
+        "Largest image predicted, in decoded pixels (from the header, before "
+        "decoding); a larger one gets an error. Default: Pillow's MAX_IMAGE_PIXELS.", **fv)
     flags.mark_flags_as_required(["model", "images"], flag_values=flag_values)
 
 
@@ -152,7 +164,7 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> int:
     paths = list_images(flag_values.images)
     succeeded = 0
     for result in predict_files(flag_values.model, paths, flag_values.top_k,
-                                flag_values.batch_size):
+                                flag_values.batch_size, flag_values.max_image_pixels):
         succeeded += "error" not in result
         if flag_values.json:
             print(json.dumps(result), flush=True)

@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import preflight
 from trainer.data import prepare as prepare_lib
 
 FLAGS = flags.FLAGS
@@ -51,6 +52,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "max_side", defaults.max_side,
         "Downscale images whose longer side exceeds this many pixels (aspect "
         "ratio kept); 0 keeps every size.", **fv)
+    flags.DEFINE_integer(
+        "max_image_pixels", defaults.max_image_pixels,
+        "Largest image accepted, in decoded pixels (width x height, read from the "
+        "header before decoding); a larger one (a decompression bomb) is skipped and "
+        "reported. The default is Pillow's MAX_IMAGE_PIXELS.", **fv)
     flags.DEFINE_integer(
         "jpeg_quality", defaults.jpeg_quality,
         "JPEG quality (1-100) of converted or downscaled images; JPEGs already "
@@ -90,6 +96,7 @@ def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> prepare_l
         shard_bytes=max(1, int(flag_values.shard_mb * 2**20)),
         workers=flag_values.workers,
         max_side=flag_values.max_side,
+        max_image_pixels=flag_values.max_image_pixels,
         jpeg_quality=flag_values.jpeg_quality,
         split_fractions=tuple(float(f) for f in flag_values.split_fractions),
         test_fraction=flag_values.test_fraction,
@@ -111,9 +118,12 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> int:
         if not flag_values[name].value:
             raise app.UsageError(f"--{name} is required.", exitcode=2)
     try:
+        # A missing bucket or refused access: named before any file is listed.
+        preflight.check_gcs_paths({"--input_dir": flag_values.input_dir,
+                                   "--output_dir": flag_values.output_dir})
         result = prepare_lib.prepare(flag_values.input_dir, flag_values.output_dir,
                                      options_from_flags(flag_values))
-    except prepare_lib.PrepareError as e:
+    except (prepare_lib.PrepareError, preflight.PreflightError) as e:
         raise app.UsageError(str(e), exitcode=2) from None
     if not result.ok:
         logging.error("No manifest written: %s", " ".join(result.errors))

@@ -17,8 +17,10 @@ from absl import logging
 from trainer import cluster
 from trainer import config as config_lib
 from trainer import demo
+from trainer import preflight
 from trainer import recovery
 from trainer import train
+from trainer.data import pipeline
 
 FLAGS = flags.FLAGS
 
@@ -28,6 +30,7 @@ def _main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         config = config_lib.config_from_flags(FLAGS)
+        preflight.check_run(config)  # Buckets, credentials, ImageNet weights: before any data.
     except config_lib.ConfigError as e:
         raise app.UsageError(str(e)) from None
     info = cluster.cluster_info()
@@ -41,9 +44,15 @@ def _main(argv):
                  strategy.num_replicas_in_sync, info.task_type, info.task_id)
     run = demo.run_demo if config.demo else train.train_and_evaluate
     recovery.install_sigterm_handler()
-    metrics = recovery.run_with_restarts(
-        lambda: run(config, strategy, info), config.max_restarts, info.restarts,
-        info.peers, config.restart_wait_seconds)
+    try:
+        metrics = recovery.run_with_restarts(
+            lambda: run(config, strategy, info), config.max_restarts, info.restarts,
+            info.peers, config.restart_wait_seconds)
+    except (config_lib.ConfigError, pipeline.DataError) as e:
+        # Found once the data is listed (a resume into another run, a missing or
+        # corrupt shard): one clear message, no traceback.
+        logging.error("%s", e)
+        raise SystemExit(f"Error: {e}") from None
     if info.is_chief:
         _print_summary(config, metrics)
 

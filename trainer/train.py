@@ -30,12 +30,15 @@ from trainer import export
 from trainer import features
 from trainer import figures
 from trainer import model as model_lib
+from trainer import preflight
 from trainer import recipe
+from trainer import resume_guard
 from trainer import schedules
 from trainer import tflite
 from trainer.data import image_sizes
 from trainer.data import pipeline
 from trainer.data import screen
+from trainer.data import shard_check
 from trainer.data import weighting
 
 
@@ -53,8 +56,18 @@ def phases(config: config_lib.Config, steps_per_epoch: int = 1) -> List[recipe.P
 
 def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strategy,
                        info: Optional[cluster.ClusterInfo] = None) -> Dict:
-    """Trains, exports and evaluates; returns the final metrics (chief) or {}."""
-    info = info or cluster.ClusterInfo()
+    """Trains, exports and evaluates; returns the final metrics (chief) or {}.
+
+    Raises:
+      resume_guard.ResumeMismatch: the job dir holds backups of another run.
+      pipeline.DataError: the data cannot be trained on (a corrupt shard is named).
+    """
+    with shard_check.naming_corrupt_shards(config.data_dir):
+        return _train_and_evaluate(config, strategy, info or cluster.ClusterInfo())
+
+
+def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strategy,
+                        info: cluster.ClusterInfo) -> Dict:
     tf.keras.utils.set_random_seed(config.seed)
     # Global in Keras: set every run, so a float32 run after a mixed one is float32.
     keras.mixed_precision.set_global_policy(
@@ -63,12 +76,15 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     # ---------------------------------------------------------------- Input
     data = pipeline.describe(config.data_dir, config.test_fraction, config.seed,
                              config.split_fractions, config.strict, config.flatten_nested)
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
+    # Before any image is read: backups of another run must not resume into this one.
+    resume_guard.check(config, data, global_batch, info, strategy)
     data = screen.screen(data, config.data_dir,
-                         f"{config.job_dir}/{screen.REPORT}" if info.is_chief else "")
+                         f"{config.job_dir}/{screen.REPORT}" if info.is_chief else "",
+                         max_pixels=config.max_image_pixels)
     class_weights = weighting.class_weights(data.splits["train"].labels, data.class_names,
                                             config.class_weighting)
     config = _choose_image_size(config, data.splits["train"])
-    global_batch = config.batch_size * strategy.num_replicas_in_sync
     train_split = data.splits["train"]
     steps_per_epoch = max(1, math.ceil(train_split.count / global_batch))
     train_data = _distribute(strategy, train_split, config, training=True,
@@ -82,7 +98,8 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     if config.weights == "none" and config.epochs:
         logging.warning("--weights=none: phase 1 trains a head on random, frozen "
                         "features; expect chance accuracy unless phase 2 trains the backbone.")
-    with _local_weights(config.weights) as weights, strategy.scope():
+    with _local_weights(config.weights) as weights, strategy.scope(), \
+            preflight.explain_weights_download(config.backbone, config.image_size):
         model = model_lib.create_model(
             config.backbone, data.num_classes, config.image_size, config.dropout,
             weights=weights, augment=config.augment and not config.jit_compile,

@@ -7,6 +7,13 @@ second lossy encode); anything else Pillow reads (PNG, GIF, BMP, grayscale
 or CMYK JPEG, WebP, TIFF, ...) is converted, and so is an image larger than
 the optional maximum side.
 
+A decompression bomb (a small file whose header promises, say, 40,000 x
+40,000 pixels) is skipped before decoding: ``Image.open`` reads only the
+header, and an image over ``max_pixels`` (``--max_image_pixels``, by default
+Pillow's own ``MAX_IMAGE_PIXELS``, 89,478,485) is never loaded. Pillow's
+hard stop at twice its ``MAX_IMAGE_PIXELS`` stays in force above any larger
+flag value. ``oversize_reason`` serves ``trainer.predict`` the same way.
+
 Conversion follows what the trainer's ``tf.io.decode_image(channels=3)``
 does with the same file at serving time: the first frame of an animation,
 palette expanded, alpha dropped (not composited), so training and serving
@@ -15,6 +22,7 @@ see the same pixels.
 
 import dataclasses
 import io
+import warnings
 from typing import Tuple
 
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +30,8 @@ from PIL import Image, UnidentifiedImageError
 OK = "ok"
 CONVERTED = "converted"
 SKIPPED = "skipped"
+# Decoded pixels (width x height) above which an image is skipped unread: Pillow's default.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 # Formats TF decodes as JPEG: camera MPO files start with an ordinary JPEG stream.
 _JPEG_FORMATS = ("JPEG", "MPO")
@@ -57,7 +67,8 @@ def _skip(reason: str, source_format: str = "", size=(0, 0)) -> CheckedImage:
     return CheckedImage(SKIPPED, reason, source_format=source_format, source_size=size)
 
 
-def check_image(data: bytes, max_side: int = 0, jpeg_quality: int = 95) -> CheckedImage:
+def check_image(data: bytes, max_side: int = 0, jpeg_quality: int = 95,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckedImage:
     """Decodes ``data`` fully and returns what to store, or why not.
 
     Args:
@@ -65,6 +76,8 @@ def check_image(data: bytes, max_side: int = 0, jpeg_quality: int = 95) -> Check
       max_side: downscale (keeping the aspect ratio) so that neither side
         exceeds this many pixels; 0 keeps every size.
       jpeg_quality: quality of JPEGs written for converted images, 1-100.
+      max_pixels: skip, without decoding, an image whose header gives more
+        pixels than this (``--max_image_pixels``).
 
     Returns:
       A CheckedImage. Never raises for bad input: every failure is a SKIPPED
@@ -77,10 +90,12 @@ def check_image(data: bytes, max_side: int = 0, jpeg_quality: int = 95) -> Check
     except UnidentifiedImageError:
         return _skip("not an image (Pillow cannot identify the format)")
     except Image.DecompressionBombError as e:
-        return _skip(f"too large to decode safely: {e}")
+        return _skip(f"too large to decode safely (Pillow's limit): {e}")
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         return _skip(_failure("header", e))
     source_format, size = image.format or "", image.size
+    if size[0] * size[1] > max_pixels:
+        return _skip(too_large(size, max_pixels), source_format, size)
     try:
         image.load()  # A full decode: truncation and corrupt data surface here.
     except Image.DecompressionBombError as e:
@@ -88,6 +103,28 @@ def check_image(data: bytes, max_side: int = 0, jpeg_quality: int = 95) -> Check
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         return _skip(_failure(source_format, e), source_format, size)
     return _convert_if_needed(data, image, max_side, jpeg_quality)
+
+
+def too_large(size: Tuple[int, int], max_pixels: int) -> str:
+    """The reason given for an image over the pixel limit."""
+    return (f"too large to decode safely: {size[0]}x{size[1]} = {size[0] * size[1]:,} "
+            f"pixels, over --max_image_pixels={max_pixels:,}")
+
+
+def oversize_reason(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """Why ``data`` is too large to decode, from its header alone; '' when it is not.
+
+    A file Pillow cannot read a header from gets '': its decoder reports it.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            size = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as e:
+        return f"too large to decode safely (Pillow's limit): {e}"
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return ""
+    return too_large(size, max_pixels) if size[0] * size[1] > max_pixels else ""
 
 
 def _failure(what: str, error: Exception) -> str:

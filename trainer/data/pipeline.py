@@ -39,6 +39,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer.data import records
+from trainer.data import shard_check
 from trainer.data import sources
 
 SPLITS = sources.SPLITS
@@ -153,6 +154,7 @@ def hold_out(split: Split, fraction: float, seed: int,
 
 def _describe_records(root: str) -> DatasetInfo:
     manifest = records.read_manifest(root)
+    shard_check.check_shards(root, manifest)  # Missing or truncated: an error now, by name.
     splits = {
         name: Split(name, info["count"],
                     shards=tuple(f"{root}/{shard}" for shard in info["shards"]))

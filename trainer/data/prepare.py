@@ -48,6 +48,7 @@ from absl import logging
 
 from trainer.data import images
 from trainer.data import records
+from trainer.data import shard_check
 from trainer.data import sources
 
 SPLITS = sources.SPLITS
@@ -71,6 +72,7 @@ class Options:
     shard_bytes: int = 150 * 2**20
     workers: int = 0
     max_side: int = 0
+    max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     jpeg_quality: int = 95
     split_fractions: Tuple[float, float, float] = sources.DEFAULT_FRACTIONS
     test_fraction: float = 0.2
@@ -87,6 +89,7 @@ class Options:
             ("shard_bytes", self.shard_bytes >= 1, "must be positive"),
             ("workers", self.workers >= 0, "must be 0 (one per CPU) or more"),
             ("max_side", self.max_side >= 0, "must be 0 (no limit) or more"),
+            ("max_image_pixels", self.max_image_pixels >= 1, "must be at least 1"),
             ("jpeg_quality", 1 <= self.jpeg_quality <= 100, "must be in [1, 100]"),
             ("split_fractions", len(self.split_fractions) == 3
              and min(self.split_fractions) >= 0 and min(self.split_fractions[:2]) > 0
@@ -239,6 +242,8 @@ def fingerprint(listing: Listing, shards: Sequence[Shard], options: Options) -> 
     settings = {"format_version": records.FORMAT_VERSION, "layout": listing.layout,
                 "class_names": listing.class_names, "max_side": options.max_side,
                 "jpeg_quality": options.jpeg_quality}
+    if options.max_image_pixels != images.DEFAULT_MAX_PIXELS:  # Older plans stay up to date.
+        settings["max_image_pixels"] = options.max_image_pixels
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for shard in shards:
         digest.update(f"\n{shard.path}:".encode())
@@ -312,7 +317,8 @@ def _example(source: Source, data, options: Options):
         message = getattr(data, "message", str(data)).splitlines()[0]
         return None, _outcome(source, images.SKIPPED, f"cannot read: {message}")
     sha256 = hashlib.sha256(data).hexdigest()
-    checked = images.check_image(data, options.max_side, options.jpeg_quality)
+    checked = images.check_image(data, options.max_side, options.jpeg_quality,
+                                 options.max_image_pixels)
     if checked.status == images.SKIPPED:
         return None, _outcome(source, images.SKIPPED, checked.reason, sha256)
     example = records.make_example(
@@ -419,17 +425,23 @@ def build_report(input_dir: str, output_dir: str, listing: Listing,
 
 def build_manifest(input_dir: str, listing: Listing, shards: Sequence[Shard],
                    outcomes_by_shard: Sequence[List[Dict]], options: Options,
-                   plan_fingerprint: str) -> Dict:
-    """The manifest of a complete run (format in :mod:`trainer.data.records`)."""
+                   plan_fingerprint: str, shard_sizes: Optional[Dict[str, int]] = None) -> Dict:
+    """The manifest of a complete run (format in :mod:`trainer.data.records`).
+
+    ``shard_sizes``: each shard's file size in bytes, which the trainer checks
+    before training (trainer/data/shard_check.py).
+    """
     splits = {}
     for shard, outcomes in zip(shards, outcomes_by_shard):
         kept = [o for o in outcomes if o["status"] != images.SKIPPED]
         entry = splits.setdefault(shard.split, {
-            "count": 0, "bytes": 0, "shards": [],
+            "count": 0, "bytes": 0, "shards": [], "shard_sizes": {},
             "classes": {name: 0 for name in listing.class_names}})
         entry["count"] += len(kept)
         entry["bytes"] += sum(o["bytes"] for o in kept)
         entry["shards"].append(shard.path)
+        if shard_sizes:
+            entry["shard_sizes"][shard.path] = shard_sizes[shard.path]
         for o in kept:
             entry["classes"][o["class"]] += 1
     kept = [o for outcomes in outcomes_by_shard for o in outcomes
@@ -478,8 +490,13 @@ def _is_up_to_date(output_dir: str, plan_fingerprint: str, shards: Sequence[Shar
         manifest = records.read_manifest(output_dir)
     except (tf.errors.NotFoundError, ValueError):
         return False
-    return (manifest.get("source", {}).get("fingerprint") == plan_fingerprint
-            and all(tf.io.gfile.exists(_join(output_dir, s.path)) for s in shards))
+    if manifest.get("source", {}).get("fingerprint") != plan_fingerprint:
+        return False
+    try:  # Every shard there, at its recorded size: a truncated one is written again.
+        shard_check.check_shards(output_dir, manifest)
+    except sources.DataError:
+        return False
+    return True
 
 
 def _check_folders(input_dir: str, output_dir: str) -> None:
@@ -532,6 +549,8 @@ def prepare(input_dir: str, output_dir: str, options: Options = Options()) -> Re
             outcomes_by_shard = list(shard_pool.map(
                 lambda shard: _write_shard(shard, output_dir, options, read_pool, progress),
                 shards))
+        shard_sizes = dict(zip((s.path for s in shards), read_pool.map(
+            lambda shard: tf.io.gfile.stat(_join(output_dir, shard.path)).length, shards)))
     outcomes = [o for shard_outcomes in outcomes_by_shard for o in shard_outcomes]
     report = build_report(input_dir, output_dir, listing, splits, outcomes)
     report_path = _join(output_dir, records.REPORT)
@@ -540,7 +559,7 @@ def prepare(input_dir: str, output_dir: str, options: Options = Options()) -> Re
     if report["errors"]:
         return Result(None, report)
     manifest = build_manifest(input_dir, listing, shards, outcomes_by_shard, options,
-                              plan_fingerprint)
+                              plan_fingerprint, shard_sizes)
     records.write_manifest(output_dir, manifest)
     logging.info("Wrote %s.", manifest_path)
     return Result(records.read_manifest(output_dir), report)

@@ -23,7 +23,9 @@ A prepared folder holds ``<split>/<split>-NNNNN-of-MMMMM.tfrecord`` shards,
 * ``format_version``: this module's FORMAT_VERSION;
 * ``class_names``: class names in label order;
 * ``splits``: for each split, ``count`` (records), ``classes`` (records per
-  class name), ``shards`` (paths relative to the folder) and ``bytes``;
+  class name), ``shards`` (paths relative to the folder), ``shard_sizes``
+  (each shard's file size, checked before training by
+  :mod:`trainer.data.shard_check`) and ``bytes``;
 * ``image_stats``: min, max and mean of stored ``height``, ``width`` and
   ``encoded_bytes``;
 * ``source``: input folder, layout, files listed and a fingerprint of the

@@ -5,7 +5,9 @@ decodes each of them with :func:`trainer.data.images.check_image`, the check
 ``trainer.prepare`` makes, so that no unreadable, truncated or non-image file
 (by content, whatever its name) can crash a job mid-epoch:
 
-* a file that is not a usable image is dropped and reported by path;
+* a file that is not a usable image is dropped and reported by path; so is
+  one whose header gives more than ``--max_image_pixels`` pixels (a
+  decompression bomb), without being decoded;
 * an image that prepare would convert (PNG, GIF, BMP, grayscale or CMYK
   JPEG, ...) is converted the same way, into a local folder of converted
   copies that the listing then points at. TensorFlow decodes the converted
@@ -44,14 +46,14 @@ class _Outcome:
     converted: str = ""  # the converted copy's path
 
 
-def _check_one(path: str, converted_dir: str) -> _Outcome:
+def _check_one(path: str, converted_dir: str, max_pixels: int) -> _Outcome:
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             data = f.read()
     except (tf.errors.OpError, OSError) as e:
         message = getattr(e, "message", str(e)).splitlines()[0]
         return _Outcome(path, images.SKIPPED, f"cannot read: {message}")
-    checked = images.check_image(data)
+    checked = images.check_image(data, max_pixels=max_pixels)
     if checked.status == images.SKIPPED:
         return _Outcome(path, images.SKIPPED, checked.reason)
     if checked.status == images.OK:
@@ -63,7 +65,8 @@ def _check_one(path: str, converted_dir: str) -> _Outcome:
 
 
 def screen(info: pipeline.DatasetInfo, data_dir: str, report_path: str = "",
-           converted_dir: str = "") -> pipeline.DatasetInfo:
+           converted_dir: str = "",
+           max_pixels: int = images.DEFAULT_MAX_PIXELS) -> pipeline.DatasetInfo:
     """Checks every file of ``info``; returns it without the unusable ones, converted
     ones pointing at their copies. Prepared records are returned as they are.
 
@@ -72,6 +75,8 @@ def screen(info: pipeline.DatasetInfo, data_dir: str, report_path: str = "",
       data_dir: what it was listed from, for messages and the report.
       report_path: where to write the JSON report ('' writes none: non-chief workers).
       converted_dir: a local folder for converted copies; '' makes a temporary one.
+      max_pixels: an image whose header gives more pixels is skipped undecoded
+        (``--max_image_pixels``).
 
     Raises:
       DataError: what is left leaves a class without train or validation images.
@@ -83,7 +88,8 @@ def screen(info: pipeline.DatasetInfo, data_dir: str, report_path: str = "",
     os.makedirs(converted_dir, exist_ok=True)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-        outcomes = {o.path: o for o in pool.map(lambda p: _check_one(p, converted_dir), paths)}
+        outcomes = {o.path: o for o in pool.map(
+            lambda p: _check_one(p, converted_dir, max_pixels), paths)}
     seconds = time.perf_counter() - start
     skipped = [o for o in outcomes.values() if o.status == images.SKIPPED]
     converted = [o for o in outcomes.values() if o.status == images.CONVERTED]
