@@ -129,7 +129,8 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
         return {}
 
     # ------------------------------------------------------------ Evaluate
-    metrics = evaluate.evaluate_splits(config.model_dir, data, config.image_size)
+    predictions = evaluate.predict_splits(config.model_dir, data, config.image_size)
+    metrics = evaluate.split_metrics(predictions, data)
     metrics["history"] = history
     metrics["recipe"] = {"name": config.recipe, "phases": [
         dataclasses.asdict(p) for p in (one, two) if p], **chosen}
@@ -139,7 +140,8 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     evaluate.write_summaries(metrics, config.model_dir, data, config.image_size,
                              f"{config.log_dir}/evaluation",
                              {**evaluate.hparams_of(config), **chosen_rates},
-                             step=len(history.get("loss", [])))
+                             step=len(history.get("loss", [])), predictions=predictions,
+                             mistakes_png=f"{config.job_dir}/{evaluate.MISTAKES_FILE}")
     figures.save_learning_curves(history, f"{config.job_dir}/{figures.LEARNING_CURVES_FILE}")
     if config.export_tflite:
         tflite.export_tflite(config.model_dir, f"{config.job_dir}/tflite")
