@@ -51,7 +51,8 @@ PR_CURVE_THRESHOLDS = 101
 # learned; left out so the HParams table (which shows its first five
 # columns) opens on settings that change results.
 _NOT_HPARAMS = ("job_dir", "model_dir", "checkpoint_dir", "log_dir", "cache",
-                "checkpoint_every_steps", "tpu", "demo", "export_tflite", "hypertune_metric")
+                "checkpoint_every_steps", "tpu", "demo", "export_tflite", "export_onnx",
+                "hypertune_metric")
 
 
 def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
