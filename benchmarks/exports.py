@@ -12,13 +12,13 @@ With a finished job in ``--job_dir`` (its ``model/`` and ``config.json``) it
 trains nothing; otherwise it trains one there with the trainer's defaults
 (``--recipe=auto``) plus ``--extra_flags``. It then writes the TFLite
 float32, float16, dynamic-range and int8 files (int8 calibrated on
-CALIBRATION_IMAGES train images) and the ONNX file, and runs the SavedModel
+``--calibration_images`` train images) and the ONNX file, and runs the SavedModel
 and each file over the job's test split one image at a time
 (trainer/artifacts.py): test accuracy, agreement of the top label with the
 SavedModel's, the largest probability difference, file size and median
 single-image latency. The goal checked: int8 within 1 point of float32's
 accuracy at no more than 0.3x its size. Results go to exports.json and
-exports.md in ``--out_dir``. ``--smoke`` runs the same code on a few
+exports.md in ``--out_dir`` (``--name`` renames them). ``--smoke`` runs the same code on a few
 generated images in seconds (the test suite does).
 """
 
@@ -53,6 +53,9 @@ flags.DEFINE_string("job_dir", "", "A finished job to reuse, or where to train o
 flags.DEFINE_list("extra_flags", [], "Trainer flags for the training, e.g. --image_size=160.")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where the results are written.")
+flags.DEFINE_integer("calibration_images", tflite.CALIBRATION_IMAGES,
+                     "Train images the int8 model calibrates on.")
+flags.DEFINE_string("name", "exports", "Results file name, without extension.")
 flags.DEFINE_bool("smoke", False, "Generated 32-px shapes, demo_cnn, a short run: seconds.")
 
 _SMOKE_FLAGS = ["--image_size=32", "--batch_size=4", "--backbone=demo_cnn", "--fine_tune_at=5",
@@ -82,7 +85,8 @@ def export_all(config: Dict, info: pipeline.DatasetInfo) -> Dict[str, float]:
     seconds = {}
     for variant in tflite.VARIANTS:
         start = time.perf_counter()
-        tflite.export_tflite(model_dir, f"{job_dir}/tflite", [variant], info.splits["train"])
+        tflite.export_tflite(model_dir, f"{job_dir}/tflite", [variant], info.splits["train"],
+                             FLAGS.calibration_images)
         seconds[f"tflite_{variant}"] = time.perf_counter() - start
     start = time.perf_counter()
     onnx_export.export_onnx(model_dir, f"{job_dir}/onnx")
@@ -94,7 +98,8 @@ def summarize(measured: Dict) -> Dict:
     """int8 against float32: accuracy points, size ratio, and whether the goal is met."""
     rows = measured["artifacts"]
     float32, int8 = rows["tflite_float"], rows["tflite_int8"]
-    points = 100 * (float32["accuracy"] - int8["accuracy"])
+    # Rounded: accuracies are image counts over the split, so 2 of 200 is exactly 1 point.
+    points = round(100 * (float32["accuracy"] - int8["accuracy"]), 9)
     ratio = int8["size_bytes"] / float32["size_bytes"]
     return {"int8_accuracy_points_below_float32": points,
             "int8_size_ratio_to_float32": ratio,
@@ -110,7 +115,8 @@ def markdown(measured: Dict, summary: Dict, conversion_seconds: Dict, job: Dict,
         "# Exports, each measured by its own runtime", "", "```", command, "```", "",
         f"{os.cpu_count()} cores, TensorFlow {tf.__version__}. Model: {job['model_dir']} "
         f"({job['backbone']}, {job['image_size']} px, recipe {job['recipe']}; "
-        f"{job['trained']}). Test split: {measured['count']} images. Every artifact "
+        f"{job['trained']}). int8 calibrated on {FLAGS.calibration_images} train images. "
+        f"Test split: {measured['count']} images. Every artifact "
         "classifies each image alone (batch 1); latency is the median (and 90th "
         "percentile) of those calls after {w} warm-up calls, TFLite and onnxruntime on "
         "{t} thread, the SavedModel on TensorFlow's default threads.".format(
@@ -163,7 +169,7 @@ def main(argv):
     job = {key: config[key] for key in ("model_dir", "backbone", "image_size", "recipe")}
     job["trained"] = trained
     command = "python -m benchmarks.exports " + " ".join(sys.argv[1:])
-    report.write(FLAGS.out_dir, "exports", command,
+    report.write(FLAGS.out_dir, FLAGS.name, command,
                  [{"job": job, "conversion_seconds": conversion_seconds, **measured}], summary,
                  markdown(measured, summary, conversion_seconds, job, command))
     print("\n".join(markdown(measured, summary, conversion_seconds, job, command)))
