@@ -68,7 +68,6 @@ def convert(model_dir: str, path: str, opset: int = OPSET) -> str:
     onnx.checker.check_model(proto)
     with tf.io.gfile.GFile(path, "wb") as f:
         f.write(proto.SerializeToString())
-    logging.info("ONNX model: %s (%.1f MB).", path, proto.ByteSize() / 1e6)
     return path
 
 
@@ -121,6 +120,7 @@ def export_onnx(model_dir: str, output_dir: str) -> str:
         tf.io.gfile.makedirs(output_dir)
         path = f"{output_dir.rstrip('/')}/{ONNX_FILE}"
         tf.io.gfile.copy(local, path, overwrite=True)
+    logging.info("ONNX model: %s (%.1f MB).", path, tf.io.gfile.stat(path).length / 1e6)
     return path
 
 
