@@ -14,6 +14,7 @@ import pytest
 from trainer import artifacts
 from trainer import onnx_export
 from trainer import tflite
+from trainer.data import pipeline
 
 # Largest allowed difference of any class probability from the SavedModel's,
 # on the learned colour task (tests/learnable.py: confident, far from
@@ -77,3 +78,11 @@ def test_int8_without_calibration_data_is_refused(learned_job):
     config, _ = learned_job
     with pytest.raises(ValueError, match="train split"):
         tflite.export_tflite(config.model_dir, f"{config.job_dir}/tflite_again", [tflite.INT8])
+
+
+def test_calibration_and_measurement_samples_spread_over_a_class_ordered_split():
+    split = pipeline.Split("train", 10, tuple(f"{k}.jpg" for k in range(10)), (0,) * 5 + (1,) * 5)
+    sample = tflite.spread_sample(split, 4)
+    assert sample.paths == ("0.jpg", "3.jpg", "6.jpg", "9.jpg")
+    assert sample.labels == (0, 0, 1, 1) and sample.count == 4
+    assert tflite.spread_sample(split, 10) is split

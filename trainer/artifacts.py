@@ -5,7 +5,7 @@ files (the TFLite interpreter) and the ONNX file (onnxruntime). Each one
 classifies every image of the split one at a time, as an app or a single
 online request would, and is measured on:
 
-* ``accuracy`` on the split;
+* ``accuracy`` on the split (at most MAX_IMAGES of it, spread evenly);
 * ``agreement``: share of images whose top label equals the SavedModel's;
 * ``max_probability_difference`` from the SavedModel's probabilities;
 * ``size_bytes``: the file (SavedModel: ``saved_model.pb`` plus
@@ -32,6 +32,9 @@ from trainer.data import pipeline
 SAVED_MODEL = "saved_model"
 THREADS = 1
 WARMUP = 3
+# A larger split is sampled evenly (every artifact sees the same images): each
+# image runs once per artifact, alone, and all of them are held in memory.
+MAX_IMAGES = 1000
 
 
 def find_artifacts(job_dir: str) -> Dict[str, str]:
@@ -67,11 +70,14 @@ def size_bytes(path: str) -> int:
     return sum(tf.io.gfile.stat(f).length for f in files)
 
 
-def split_images(split: pipeline.Split, image_size: int):
-    """All images of a split as float32 [n, size, size, 3] pixels, and labels [n]."""
-    dataset = pipeline.make_dataset(split, image_size, 64, training=False, cache="none")
-    images, labels = zip(*((x.numpy(), y.numpy()) for x, y in dataset))
-    return np.concatenate(images).astype(np.float32), np.concatenate(labels)
+def split_images(split: pipeline.Split, image_size: int, max_images: int = MAX_IMAGES):
+    """Up to ``max_images`` images of a split, spread over it, as float32
+    [n, size, size, 3] pixels, and their labels [n]."""
+    dataset = pipeline.make_dataset(tflite.spread_sample(split, max_images), image_size, 64,
+                                    training=False, cache="none")
+    batches = [(x.numpy(), y.numpy()) for x, y in dataset.take(-(-max_images // 64))]
+    images, labels = (np.concatenate(part) for part in zip(*batches))
+    return images[:max_images].astype(np.float32), labels[:max_images]
 
 
 def run_one_at_a_time(classify_one: Callable, images: np.ndarray):
@@ -95,8 +101,9 @@ def measure(model_dir: str, artifacts: Mapping[str, str], split: pipeline.Split,
       image_size: the model's input side, pixels.
 
     Returns:
-      {"split": name, "count": n, "threads": THREADS, "artifacts": {name: {...}}},
-      the SavedModel first.
+      {"split": name, "count": images run (at most MAX_IMAGES, spread over the
+      split), "threads": THREADS, "artifacts": {name: {...}}}, the SavedModel
+      first.
     """
     images, labels = split_images(split, image_size)
     results, reference = {}, None

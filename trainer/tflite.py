@@ -111,14 +111,21 @@ def calibration_sample(split: pipeline.Split, image_size: int,
                        count: int = CALIBRATION_IMAGES) -> np.ndarray:
     """Up to ``count`` images spread evenly over a split (splits are often ordered
     by class): float32 [n, size, size, 3] pixels, decoded as for evaluation."""
-    if split.paths and split.count > count:
-        keep = np.linspace(0, split.count - 1, count).round().astype(int)
-        split = dataclasses.replace(split, count=count,
-                                    paths=tuple(split.paths[k] for k in keep),
-                                    labels=tuple(split.labels[k] for k in keep))
-    dataset = pipeline.make_dataset(split, image_size, 64, training=False, cache="none")
-    images = np.concatenate([batch.numpy() for batch, _ in dataset])
+    dataset = pipeline.make_dataset(spread_sample(split, count), image_size, 64,
+                                    training=False, cache="none")
+    images = np.concatenate([batch.numpy() for batch, _ in dataset.take(-(-count // 64))])
     return images[:count].astype(np.float32)
+
+
+def spread_sample(split: pipeline.Split, count: int) -> pipeline.Split:
+    """``count`` files of an image-file split, evenly spaced over it; records splits
+    (and splits no larger) as they are, for the caller to take the first ``count``."""
+    if not split.paths or split.count <= count:
+        return split
+    keep = np.linspace(0, split.count - 1, count).round().astype(int)
+    return dataclasses.replace(split, count=count,
+                               paths=tuple(split.paths[k] for k in keep),
+                               labels=tuple(split.labels[k] for k in keep))
 
 
 def interpreter(tflite_model: Union[str, bytes], num_threads: Optional[int] = None):
