@@ -27,6 +27,8 @@ setup(
                    "setuptools>=61"],
         "hypertune": ["cloudml-hypertune>=0.1.0.dev6"],
         "plots": ["matplotlib>=3.8"],
+        # --export_onnx and trainer.onnx_export: the converter and the runtime that checks it.
+        "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.20"],
         "test": [
             "pytest>=8.0",
             "pytest-timeout>=2.3",
@@ -39,6 +41,8 @@ setup(
             "cloudml-hypertune>=0.1.0.dev6",
             "matplotlib>=3.8",
             "cryptography>=42",
+            "tf2onnx>=1.17",
+            "onnxruntime>=1.20",
         ],
     },
     entry_points={
@@ -50,6 +54,7 @@ setup(
             "trainer-evaluate=trainer.evaluate:main",
             "trainer-predict=trainer.predict:main",
             "trainer-tflite=trainer.tflite:main",
+            "trainer-onnx=trainer.onnx_export:main",
         ],
     },
 )

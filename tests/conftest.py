@@ -112,12 +112,12 @@ def finished_job(tmp_path_factory):
 @pytest.fixture(scope="session")
 def learned_job(colour_dir, tmp_path_factory):
     """A job that learned: the colour task on the default (cached) path, one device,
-    with TFLite export: (config, metrics). See tests/learnable.py."""
+    with TFLite and ONNX export, each measured: (config, metrics). See tests/learnable.py."""
     from trainer import cluster
     from trainer import train
 
     config = tiny_config(colour_dir, tmp_path_factory.mktemp("learned") / "job",
-                         export_tflite=True, **learnable.SETTINGS)
+                         export_tflite=True, export_onnx=True, **learnable.SETTINGS)
     metrics = train.train_and_evaluate(config, cluster.create_strategy("one_device"))
     return config, metrics
 

@@ -73,6 +73,18 @@ def _recipe_fit(results):
     assert auto["learning_rates"][1] == pytest.approx(0.01 * auto["learning_rates"][0])
 
 
+def _exports(results):
+    measured = results["rounds"][0]
+    assert list(measured["artifacts"]) == [
+        "saved_model", "tflite_float", "tflite_float16", "tflite_dynamic_range", "tflite_int8",
+        "onnx"]
+    assert measured["count"] == 8  # The generated test split, every image run.
+    # Speed-independent: the float conversions give the SavedModel's labels.
+    for name in ("tflite_float", "onnx"):
+        assert measured["artifacts"][name]["agreement"] == 1.0
+    assert results["summary"]["int8_size_ratio_to_float32"] < 0.5
+
+
 SMOKES = [
     Smoke("recipe", "out_dir", _recipe),
     Smoke("recipe_fit", "out_dir", _recipe_fit),
@@ -80,6 +92,7 @@ SMOKES = [
     Smoke("input_pipeline", "output_dir", _input_pipeline),
     Smoke("phase2_throughput", "out_dir", _phase2_throughput),
     Smoke("tutorial_recipe", "out_dir", _tutorial_recipe),
+    Smoke("exports", "out_dir", _exports),
 ]
 
 

@@ -20,6 +20,7 @@ import tensorflow as tf
 from trainer import cluster
 from trainer import evaluate
 from trainer import features
+from trainer import metrics as metrics_lib
 from trainer import task
 from trainer import train
 from trainer.data import demo as demo_data
@@ -133,7 +134,7 @@ def test_metrics_report_balanced_accuracy_and_macro_f1():
     # 9 of class 0, 1 of class 1; always predicting 0 is 90% accurate.
     probabilities = np.array([[0.9, 0.1]] * 10)
     labels = np.array([0] * 9 + [1])
-    metrics = evaluate.classification_metrics(probabilities, labels, ("a", "b"))
+    metrics = metrics_lib.classification_metrics(probabilities, labels, ("a", "b"))
     assert metrics["accuracy"] == pytest.approx(0.9)
     assert metrics["balanced_accuracy"] == pytest.approx(0.5)
     assert metrics["macro_f1"] == pytest.approx((2 * 0.9 / 1.9 + 0) / 2)

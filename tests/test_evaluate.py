@@ -1,4 +1,4 @@
-"""Evaluation: metric arithmetic on known arrays, and the CLI over a finished job."""
+"""Evaluation: the CLI over a finished job, its TensorBoard summaries and pictures."""
 
 import glob
 import json
@@ -6,57 +6,12 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 from absl import app
 from absl import flags
 
 from trainer import evaluate
 from trainer.data import pipeline
-
-
-def test_per_class_metrics_match_hand_computed_values():
-    # Rows true, columns predicted.
-    confusion = np.array([[5, 1, 0],
-                          [2, 3, 1],
-                          [0, 0, 0]])
-    per_class = evaluate.per_class_metrics(confusion, ["a", "b", "c"])
-    assert per_class["a"] == pytest.approx(
-        {"precision": 5 / 7, "recall": 5 / 6, "f1": 2 * (5 / 7) * (5 / 6) / (5 / 7 + 5 / 6),
-         "support": 6})
-    assert per_class["b"]["precision"] == pytest.approx(3 / 4)
-    assert per_class["b"]["recall"] == pytest.approx(3 / 6)
-    # Never true, predicted once: precision 0/1; recall undefined -> 0.
-    assert per_class["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-
-
-@pytest.mark.parametrize("scores, positive, expected", [
-    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),
-    ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], 1.0),
-    ([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1], 0.0),
-    ([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1], 0.5),        # All tied: chance.
-    ([0.2, 0.5, 0.5, 0.9], [0, 0, 1, 1], 0.875),      # One tie counts a half.
-])
-def test_roc_auc_is_the_chance_a_positive_outscores_a_negative(scores, positive, expected):
-    assert evaluate.roc_auc(np.array(scores), np.array(positive)) == pytest.approx(expected)
-
-
-def test_roc_auc_is_none_with_one_class_only():
-    assert evaluate.roc_auc(np.array([0.2, 0.7]), np.array([1, 1])) is None
-
-
-def test_classification_metrics_report_binary_auc_and_per_class_scores():
-    probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
-    labels = np.array([0, 1, 1, 0])
-    metrics = evaluate.classification_metrics(probabilities, labels, ["cat", "dog"])
-    assert metrics["accuracy"] == 0.5
-    assert metrics["confusion_matrix"] == [[1, 1], [1, 1]]
-    assert metrics["roc_auc"] == pytest.approx(0.5)
-    assert set(metrics["per_class"]) == {"cat", "dog"}
-    assert metrics["macro_avg"]["f1"] == pytest.approx(0.5)
-    json.dumps(metrics)  # JSON-ready: plain floats and ints only.
-
-    three = evaluate.classification_metrics(
-        np.array([[0.8, 0.1, 0.1]]), np.array([0]), ["a", "b", "c"])
-    assert "roc_auc" not in three
 
 
 def _parse(define, argv):
@@ -68,24 +23,59 @@ def _parse(define, argv):
 
 def test_cli_reproduces_the_jobs_test_metrics_and_writes_tensorboard(finished_job, tmp_path):
     config, metrics = finished_job
-    output, log_dir = tmp_path / "eval.json", tmp_path / "logs"
+    output, log_dir, png = tmp_path / "eval.json", tmp_path / "logs", tmp_path / "mistakes.png"
     results = evaluate.run(_parse(evaluate.define_flags, [
         f"--model={config.model_dir}", f"--data_dir={config.data_dir}",
-        "--splits=validation,test", f"--output={output}", f"--log_dir={log_dir}"]))
+        "--splits=validation,test", f"--output={output}", f"--log_dir={log_dir}",
+        f"--mistakes_png={png}"]))
 
     with open(output) as f:
         assert json.load(f) == json.loads(json.dumps(results))
     for split in ("validation", "test"):
         assert results[split]["confusion_matrix"] == metrics[split]["confusion_matrix"]
         assert results[split]["loss"] == pytest.approx(metrics[split]["loss"], rel=1e-5)
+        assert (results[split]["confidence_thresholds"]["micro"]["recall"]
+                == pytest.approx(metrics[split]["confidence_thresholds"]["micro"]["recall"]))
     assert set(results["test"]["per_class"]) == set(metrics["class_names"])
 
-    tags = set()
+    tags, pr_curves = set(), {}
     for path in glob.glob(f"{log_dir}/events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(path):
-            tags |= {value.tag for value in event.summary.value}
-    assert {"test/accuracy", "test/macro_f1", "confusion_matrix/test", "predictions/test",
-            "_hparams_/session_start_info"} <= tags
+            for value in event.summary.value:
+                tags.add(value.tag)
+                if value.metadata.plugin_data.plugin_name == "pr_curves":
+                    pr_curves[value.tag] = tf.make_ndarray(value.tensor)
+    assert {"test/accuracy", "test/macro_f1", "test/log_loss", "test/expected_calibration_error",
+            "test/average_precision_micro", "confusion_matrix/test", "predictions/test",
+            "worst_mistakes/test", "_hparams_/session_start_info"} <= tags
+    # One PR curve per class and split; rows TP, FP, TN, FN, precision, recall at
+    # thresholds 0, 0.01, ..., 1: at threshold 0 every image is predicted, so TP is
+    # the class's support.
+    assert set(pr_curves) == {f"pr_curve/{split}/{name}" for split in ("validation", "test")
+                              for name in metrics["class_names"]}
+    for name in metrics["class_names"]:
+        curve = pr_curves[f"pr_curve/test/{name}"]
+        assert curve.shape == (6, evaluate.PR_CURVE_THRESHOLDS)
+        assert curve[0, 0] == results["test"]["per_class"][name]["support"]
+        assert curve[0, 0] + curve[1, 0] == results["test"]["count"]
+
+
+def test_worst_mistakes_are_listed_and_drawn(finished_job):
+    config, metrics = finished_job
+    mistakes = metrics["test"]["worst_mistakes"]
+    wrong = metrics["test"]["count"] - np.trace(metrics["test"]["confusion_matrix"])
+    assert len(mistakes) == min(wrong, evaluate.NUM_MISTAKES) > 0
+    scores = [m["score"] for m in mistakes]
+    assert scores == sorted(scores, reverse=True)
+    test = pipeline.describe(config.data_dir).splits["test"]
+    for m in mistakes:
+        assert m["true"] != m["predicted"]
+        assert m["path"] == test.paths[m["index"]]
+        assert metrics["class_names"][test.labels[m["index"]]] == m["true"]
+    # The job left the grid as a PNG: one tile per mistake (4 columns).
+    with Image.open(f"{config.job_dir}/{evaluate.MISTAKES_FILE}") as png:
+        rows = -(-len(mistakes) // 4)
+        assert png.format == "PNG" and png.height > rows * 112
 
 
 def test_prediction_grid_samples_every_class_of_a_class_ordered_split(finished_job):

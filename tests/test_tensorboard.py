@@ -122,7 +122,8 @@ def test_scalars_show_both_phases_and_the_evaluation(tensorboard, finished_job):
     assert accuracy == pytest.approx(metrics["test"]["accuracy"])
 
 
-@pytest.mark.parametrize("tag", ["confusion_matrix/test", "predictions/test"])
+@pytest.mark.parametrize("tag", ["confusion_matrix/test", "predictions/test",
+                                 "worst_mistakes/test"])
 def test_evaluation_pictures_are_served_as_png(tensorboard, tag):
     assert tag in tensorboard.get_json("/data/plugin/images/tags")["evaluation"]
     entry, = tensorboard.get_json("/data/plugin/images/images", run="evaluation", tag=tag,
@@ -130,6 +131,22 @@ def test_evaluation_pictures_are_served_as_png(tensorboard, tag):
     png = tensorboard.get(f"/data/plugin/images/individualImage?{entry['query']}")
     with Image.open(io.BytesIO(png)) as image:
         assert image.format == "PNG" and min(image.size) >= 100
+
+
+def test_pr_curves_dashboard_has_a_curve_per_class(tensorboard, finished_job):
+    _, metrics = finished_job
+    tags = tensorboard.get_json("/data/plugin/pr_curves/tags")["evaluation"]
+    assert {f"pr_curve/{split}/{name}" for split in ("validation", "test")
+            for name in metrics["class_names"]} <= set(tags)
+    name = metrics["class_names"][0]
+    entry, = tensorboard.get_json("/data/plugin/pr_curves/pr_curves", run="evaluation",
+                                  tag=f"pr_curve/test/{name}")["evaluation"]
+    # Threshold 0: every test image predicted, recall 1, precision the class's share.
+    support = metrics["test"]["per_class"][name]["support"]
+    assert entry["recall"][0] == 1.0
+    assert entry["precision"][0] == pytest.approx(support / metrics["test"]["count"])
+    # Thresholds 0, 0.01, ...; the plugin drops the tail where nothing is predicted.
+    assert entry["thresholds"][:3] == pytest.approx([0.0, 0.01, 0.02])
 
 
 def test_hparams_dashboard_lists_the_run_with_its_final_metrics(tensorboard, finished_job):

@@ -86,6 +86,7 @@ class Config:
     label_smoothing: float = 0.0
     early_stopping_patience: int = 0
     export_tflite: bool = False
+    export_onnx: bool = False
     feature_cache: bool = True
     fine_tune_cache: bool = True
     fine_tune_cache_max_gb: float = 4.0
@@ -248,12 +249,23 @@ def validate(config: Config, check_paths: bool = True) -> None:
         if not ok:
             value = getattr(config, name)
             raise ConfigError(f"--{name}={value!r} {message}.")
+    if config.export_onnx:
+        _validate_onnx_installed()
     if not check_paths:
         return
     if not (config.demo and config.weights == DEMO_SOURCE_WEIGHTS):
         _validate_weights(config.weights)
     if not config.demo:
         _validate_data_dir(config.data_dir)
+
+
+def _validate_onnx_installed() -> None:
+    from trainer import onnx_export
+
+    try:
+        onnx_export.check_installed()
+    except ImportError as e:
+        raise ConfigError(f"--export_onnx: {e}") from None
 
 
 def _validate_weights(weights: str) -> None:

@@ -4,42 +4,55 @@ The final numbers of a run come from the exported SavedModel itself, read
 back with plain TensorFlow: they describe exactly what will be served, and
 they need no collective ops, so only the chief computes them.
 
-For each split: count, accuracy, balanced accuracy (mean per-class recall),
-macro F1, cross-entropy loss, per-class precision,
-recall and F1 (with their macro average), the confusion matrix (rows: true
-class) and, with two classes, ROC AUC for the second class. The TensorBoard
-summaries (one run, e.g. ``logs/evaluation``) hold those numbers as scalars,
-a confusion-matrix image, a grid of sample predictions and an hparams entry,
-so the run shows up in TensorBoard's HParams dashboard with its results.
+For each split, everything :mod:`trainer.metrics` computes: accuracy,
+balanced accuracy, macro F1, log loss, expected calibration error, per-class
+precision, recall and F1, the confusion matrix, average precision (area
+under the PR curve), AutoML's table of precision and recall at confidence
+thresholds 0.00-0.99, top-5 accuracy past five classes, binary ROC AUC; and
+the worst mistakes (most confident wrong predictions, with their files). The
+TensorBoard summaries (one run, e.g. ``logs/evaluation``) hold the numbers as
+scalars, a PR curve per class (the PR-curve plugin), a confusion-matrix
+image, a grid of sample predictions, a grid of the worst mistakes and an
+hparams entry, so the run shows up in TensorBoard's HParams dashboard with
+its results. The worst-mistakes grid is also written as a PNG when asked.
 
 Command line, over any exported model and data folder::
 
     python -m trainer.evaluate --model=job/model --data_dir=data \
-        [--splits=test] [--output=eval.json] [--log_dir=job/logs/evaluation]
+        [--splits=test] [--output=eval.json] [--log_dir=job/logs/evaluation] \
+        [--mistakes_png=job/worst_mistakes.png]
 """
 
 import dataclasses
 import json
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 from absl import app
 from absl import flags
+from absl import logging
 from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
 from trainer import export
 from trainer import figures
+from trainer import metrics as metrics_lib
 from trainer.data import pipeline
 
 # The split whose pictures go to TensorBoard: the first of these evaluated.
 PICTURE_SPLITS = ("test", "validation")
 NUM_SAMPLES = 16
+NUM_MISTAKES = 16  # Worst mistakes listed in the JSON and drawn in the grid.
+MISTAKES_FILE = "worst_mistakes.png"
+# TensorBoard PR curves: thresholds 0, 1/100, ..., 1, AutoML's grid and its end.
+PR_CURVE_THRESHOLDS = 101
 # Config fields that say where a run wrote or how it ran, not what it
 # learned; left out so the HParams table (which shows its first five
 # columns) opens on settings that change results.
 _NOT_HPARAMS = ("job_dir", "model_dir", "checkpoint_dir", "log_dir", "cache",
-                "checkpoint_every_steps", "tpu", "demo", "export_tflite", "hypertune_metric")
+                "checkpoint_every_steps", "tpu", "demo", "export_tflite", "export_onnx",
+                "hypertune_metric")
 
 
 def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
@@ -55,84 +68,43 @@ def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
     return np.concatenate(probabilities), np.concatenate(labels)
 
 
-def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
-                           class_names: Sequence[str]) -> Dict:
-    """Accuracy, balanced accuracy, macro F1, loss, per-class scores, confusion matrix
-    (rows: true) and binary ROC AUC."""
-    labels = np.asarray(labels, dtype=np.int64)
-    predicted = probabilities.argmax(axis=-1)
-    true_probability = probabilities[np.arange(len(labels)), labels]
-    confusion = np.zeros((len(class_names), len(class_names)), dtype=int)
-    np.add.at(confusion, (labels, predicted), 1)
-    per_class = per_class_metrics(confusion, class_names)
-    present = [c for c in per_class.values() if c["support"]]
-    metrics = {
-        "count": int(len(labels)),
-        "accuracy": float((predicted == labels).mean()),
-        # Mean recall over the classes present (scikit-learn's balanced_accuracy_score):
-        # what plain accuracy hides when one class dominates.
-        "balanced_accuracy": float(np.mean([c["recall"] for c in present])) if present else 0.0,
-        "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])),
-        "loss": float(-np.log(np.clip(true_probability, 1e-7, 1.0)).mean()),
-        "confusion_matrix": confusion.tolist(),
-        "per_class": per_class,
-        "macro_avg": {key: float(np.mean([c[key] for c in per_class.values()]))
-                      for key in ("precision", "recall", "f1")},
-    }
-    if len(class_names) == 2:
-        metrics["roc_auc"] = roc_auc(probabilities[:, 1], labels == 1)
-    return metrics
+def predict_splits(model_dir: str, info: pipeline.DatasetInfo, image_size: int,
+                   splits: Sequence[str] = ("validation", "test")) -> Dict[str, Tuple]:
+    """Split name -> (probabilities, labels) for each named split present in ``info``."""
+    return {name: predict_split(model_dir, info.splits[name], image_size)
+            for name in splits if name in info.splits and info.splits[name].count}
 
 
-def per_class_metrics(confusion: np.ndarray, class_names: Sequence[str]) -> Dict[str, Dict]:
-    """Precision, recall, F1 and support of each class from a confusion matrix.
-
-    A score whose denominator is 0 (a class never predicted, or absent) is
-    0.0, as scikit-learn reports it by default.
-    """
-    confusion = np.asarray(confusion, dtype=np.float64)
-    hits = np.diag(confusion)
-    precision = _safe_divide(hits, confusion.sum(axis=0))
-    recall = _safe_divide(hits, confusion.sum(axis=1))
-    f1 = _safe_divide(2 * precision * recall, precision + recall)
-    return {
-        name: {"precision": float(precision[k]), "recall": float(recall[k]),
-               "f1": float(f1[k]), "support": int(confusion[k].sum())}
-        for k, name in enumerate(class_names)}
-
-
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator, dtype=np.float64),
-                     where=denominator > 0)
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> Optional[float]:
-    """Area under the ROC curve, or None when only one class is present.
-
-    Computed as the Mann-Whitney statistic: the chance that a random positive
-    scores above a random negative, ties counting one half (average ranks).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based, ties averaged.
-    ranks = average_rank[inverse]
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+def split_metrics(predictions: Mapping[str, Tuple], info: pipeline.DatasetInfo) -> Dict:
+    """The metrics JSON of predict_splits' output: class names, then a dict per split."""
+    results = {"class_names": list(info.class_names)}
+    for name, (probabilities, labels) in predictions.items():
+        results[name] = metrics_lib.classification_metrics(
+            probabilities, labels, info.class_names)
+        results[name]["worst_mistakes"] = _mistakes(probabilities, labels, info.splits[name],
+                                                    info.class_names)
+    return results
 
 
 def evaluate_splits(model_dir: str, info: pipeline.DatasetInfo, image_size: int,
                     splits: Sequence[str] = ("validation", "test")) -> Dict:
     """Metrics for each named split present in ``info``."""
-    results = {"class_names": list(info.class_names)}
-    for name in splits:
-        if name in info.splits and info.splits[name].count:
-            probabilities, labels = predict_split(model_dir, info.splits[name], image_size)
-            results[name] = classification_metrics(probabilities, labels, info.class_names)
-    return results
+    return split_metrics(predict_splits(model_dir, info, image_size, splits), info)
+
+
+def _mistakes(probabilities, labels, split: pipeline.Split,
+              class_names: Sequence[str]) -> list:
+    """The split's NUM_MISTAKES most confident wrong predictions, as JSON rows."""
+    rows = []
+    for index in metrics_lib.worst_mistakes(probabilities, labels, NUM_MISTAKES):
+        predicted = int(probabilities[index].argmax())
+        row = {"index": index, "true": class_names[int(labels[index])],
+               "predicted": class_names[predicted],
+               "score": float(probabilities[index, predicted])}
+        if split.paths:
+            row["path"] = split.paths[index]
+        rows.append(row)
+    return rows
 
 
 def hparams_of(config) -> Dict:
@@ -143,30 +115,42 @@ def hparams_of(config) -> Dict:
 
 def write_summaries(results: Mapping, model_dir: str, info: pipeline.DatasetInfo,
                     image_size: int, log_dir: str, hparams: Mapping, step: int = 0,
-                    num_samples: int = NUM_SAMPLES) -> None:
+                    num_samples: int = NUM_SAMPLES,
+                    predictions: Optional[Mapping[str, Tuple]] = None,
+                    mistakes_png: str = "") -> None:
     """Writes evaluation results to TensorBoard under ``log_dir`` (one run).
 
-    Scalars ``<split>/<metric>`` for every evaluated split; for the first of
-    PICTURE_SPLITS evaluated, a confusion-matrix image and a grid of
-    ``num_samples`` of its images (spread over the classes) with true and
-    predicted labels; and an hparams entry whose metrics are those scalars.
+    Scalars ``<split>/<metric>`` for every evaluated split; PR curves
+    ``pr_curve/<split>/<class>`` (TensorBoard's PR-curve plugin, one class
+    against the rest); for the first of PICTURE_SPLITS evaluated, a
+    confusion-matrix image, a grid of ``num_samples`` of its images (spread
+    over the classes) with true and predicted labels, and a grid of its worst
+    mistakes (also written to ``mistakes_png`` when set); and an hparams entry
+    whose metrics are those scalars.
 
     Args:
-      results: the output of evaluate_splits.
-      model_dir: the exported model, to predict the sample images.
+      results: the output of evaluate_splits (or split_metrics).
+      model_dir: the exported model, to predict the pictured images.
       info: the data the results came from.
       image_size: the model's input size, pixels.
       log_dir: the run folder to write, local or gs://.
       hparams: setting name -> bool, int, float or str.
       step: the step to record (the number of epochs trained).
       num_samples: images in the prediction grid.
+      predictions: predict_splits' output the results came from; None
+        predicts the evaluated splits again.
+      mistakes_png: where to write the worst-mistakes grid as PNG; "" writes none.
     """
     class_names = list(info.class_names)
+    evaluated = [s for s in ("validation", "test") if s in results]
+    if predictions is None:
+        predictions = predict_splits(model_dir, info, image_size, evaluated)
     writer = tf.summary.create_file_writer(log_dir)
     with writer.as_default(step=step):
-        for split in ("validation", "test"):
-            for name, value in _scalars(results.get(split, {})).items():
+        for split in evaluated:
+            for name, value in _scalars(results[split]).items():
                 tf.summary.scalar(f"{split}/{name}", value)
+            write_pr_curves(f"pr_curve/{split}", *predictions[split], class_names)
         picture_split = next((s for s in PICTURE_SPLITS if s in results), None)
         if picture_split:
             tf.summary.image(f"confusion_matrix/{picture_split}", figures.confusion_matrix_image(
@@ -176,15 +160,72 @@ def write_summaries(results: Mapping, model_dir: str, info: pipeline.DatasetInfo
                 len(class_names))
             tf.summary.image(f"predictions/{picture_split}", figures.prediction_grid(
                 images, labels, probabilities, class_names)[np.newaxis])
+            _write_mistakes(results[picture_split]["worst_mistakes"], picture_split, model_dir,
+                            info, image_size, mistakes_png)
         hp.hparams(dict(hparams))
     writer.close()
 
 
-def _scalars(split_metrics: Mapping) -> Dict[str, float]:
-    values = {key: split_metrics[key] for key in
-              ("accuracy", "balanced_accuracy", "macro_f1", "loss") if key in split_metrics}
-    if split_metrics.get("roc_auc") is not None:
-        values["roc_auc"] = split_metrics["roc_auc"]
+def write_pr_curves(tag: str, probabilities: np.ndarray, labels: np.ndarray,
+                    class_names: Sequence[str]) -> None:
+    """One PR curve per class (its probability, the class against the rest) as
+    ``<tag>/<class>``, into the default summary writer.
+
+    The plugin's own ``pb`` computes the curve's counts; the tensor and its
+    metadata are written through the TF2 summary API, which takes them as is.
+    """
+    truth = metrics_lib.one_hot(labels, len(class_names))
+    for k, name in enumerate(class_names):
+        value = pr_curve_summary.pb(
+            f"{tag}/{name}", truth[:, k], np.asarray(probabilities[:, k], np.float32),
+            num_thresholds=PR_CURVE_THRESHOLDS).value[0]
+        tf.summary.write(f"{tag}/{name}", tf.make_ndarray(value.tensor),
+                         metadata=value.metadata.SerializeToString())
+
+
+def _write_mistakes(mistakes: Sequence[Mapping], split_name: str, model_dir: str,
+                    info: pipeline.DatasetInfo, image_size: int, png_path: str) -> None:
+    """The worst-mistakes grid: to TensorBoard as ``worst_mistakes/<split>``, and as a PNG."""
+    if not mistakes:
+        logging.info("No mistakes on %s: no worst-mistakes grid.", split_name)
+        return
+    indices = [m["index"] for m in mistakes]
+    images, labels = images_at(info.splits[split_name], image_size, indices)
+    serve = tf.saved_model.load(model_dir).signatures["serving_images"]
+    probabilities = serve(images=tf.constant(images, tf.float32))["probabilities"].numpy()
+    grid = figures.prediction_grid(images, labels, probabilities, list(info.class_names))
+    tf.summary.image(f"worst_mistakes/{split_name}", grid[np.newaxis])
+    if png_path:
+        figures.save_png(grid, png_path)
+
+
+def images_at(split: pipeline.Split, image_size: int, indices: Sequence[int]):
+    """The split's images and labels at ``indices`` (split order), in the order given,
+    reading no further than the last one."""
+    wanted = {index: None for index in indices}
+    last, position = max(indices), 0
+    dataset = pipeline.make_dataset(split, image_size, 64, training=False, cache="none")
+    for batch_images, batch_labels in dataset:
+        for image, label in zip(batch_images.numpy(), batch_labels.numpy()):
+            if position in wanted:
+                wanted[position] = (image, label)
+            position += 1
+        if position > last:
+            break
+    return (np.stack([wanted[i][0] for i in indices]),
+            np.asarray([wanted[i][1] for i in indices]))
+
+
+def _scalars(split: Mapping) -> Dict[str, float]:
+    values = {key: split[key] for key in
+              ("accuracy", "balanced_accuracy", "macro_f1", "loss", "log_loss",
+               "expected_calibration_error", f"top_{metrics_lib.TOP_K}_accuracy")
+              if key in split}
+    for key in ("micro", "macro"):
+        if split.get("average_precision", {}).get(key) is not None:
+            values[f"average_precision_{key}"] = split["average_precision"][key]
+    if split.get("roc_auc") is not None:
+        values["roc_auc"] = split["roc_auc"]
     return values
 
 
@@ -227,7 +268,8 @@ def write_metrics(metrics: Dict, path: str) -> None:
 
 def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test",),
                    log_dir: str = "", test_fraction: float = 0.2, seed: int = 42,
-                   split_fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> Dict:
+                   split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                   mistakes_png: str = "") -> Dict:
     """Evaluates an exported model on named splits of a data folder.
 
     Args:
@@ -239,6 +281,7 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
         (must match the training run's to get the same test split).
       seed: the hold-out seed (likewise).
       split_fractions: how unassigned images were split (likewise).
+      mistakes_png: with ``log_dir``, also write the worst-mistakes grid there.
 
     Returns:
       The metrics dict (as evaluate_splits).
@@ -257,10 +300,12 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
         raise ValueError(f"{data_dir} has no images in split(s) {missing}; it has "
                          f"{sorted(s for s in info.splits if info.splits[s].count)}.")
     image_size = export.read_image_size(model_dir)
-    results = evaluate_splits(model_dir, info, image_size, splits)
+    predictions = predict_splits(model_dir, info, image_size, splits)
+    results = split_metrics(predictions, info)
     if log_dir:
         write_summaries(results, model_dir, info, image_size, log_dir,
-                        {"model": model_dir, "data_dir": data_dir})
+                        {"model": model_dir, "data_dir": data_dir},
+                        predictions=predictions, mistakes_png=mistakes_png)
     return results
 
 
@@ -278,8 +323,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "empty prints it to stdout.", **fv)
     flags.DEFINE_string(
         "log_dir", "",
-        "Also write TensorBoard summaries (scalars, confusion matrix, sample "
-        "predictions, hparams) to this folder; empty writes none.", **fv)
+        "Also write TensorBoard summaries (scalars, PR curves, confusion matrix, "
+        "sample predictions, worst mistakes, hparams) to this folder; empty writes none.",
+        **fv)
+    flags.DEFINE_string(
+        "mistakes_png", "",
+        "With --log_dir, also write the grid of the worst mistakes (most confident "
+        "wrong predictions of the test split, else validation) to this PNG file.", **fv)
     flags.DEFINE_float(
         "test_fraction", 0.2,
         "Without a test/ folder, the fraction of validation held out as test; "
@@ -298,7 +348,8 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> Dict:
         results = evaluate_model(flag_values.model, flag_values.data_dir, flag_values.splits,
                                  flag_values.log_dir, flag_values.test_fraction,
                                  flag_values.seed,
-                                 tuple(float(f) for f in flag_values.split_fractions))
+                                 tuple(float(f) for f in flag_values.split_fractions),
+                                 flag_values.mistakes_png)
     except ValueError as e:  # Includes pipeline.DataError.
         raise app.UsageError(str(e)) from None
     if flag_values.output:

@@ -124,6 +124,15 @@ def prediction_grid(images: np.ndarray, labels: Sequence[int], probabilities: np
     return np.asarray(grid, dtype=np.uint8)
 
 
+def save_png(pixels: np.ndarray, path: str) -> str:
+    """Writes a uint8 [height, width, 3] picture as a PNG file, local or gs://."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return path
+
+
 def fine_tune_start(history: Dict[str, List[float]]) -> Optional[int]:
     """Index of the first phase-2 epoch in ``history``, or None without phase 2.
 

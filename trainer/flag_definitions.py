@@ -167,11 +167,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "a lost one); past it the worker exits non-zero.", **fv)
     flags.DEFINE_bool(
         "export_tflite", False,
-        "After export, also convert the model to TFLite (float and "
-        "dynamic-range quantized) under <job_dir>/tflite. Off by default: "
-        "only jobs that ask for it risk failing at the end on a converter "
-        "error, and `python -m trainer.tflite` converts any exported model "
-        "later.", **fv)
+        "After export, also convert the model to TFLite (float32, float16, "
+        "dynamic-range and int8 calibrated on the train split) under "
+        "<job_dir>/tflite, and measure each on the test split (metrics.json "
+        "'exports'). Off by default: only jobs that ask for it risk failing at "
+        "the end on a converter error, and `python -m trainer.tflite` converts "
+        "any exported model later.", **fv)
+    flags.DEFINE_bool(
+        "export_onnx", False,
+        "After export, also convert the model to ONNX (tf2onnx) as "
+        "<job_dir>/onnx/model.onnx and measure it with onnxruntime on the test "
+        "split (metrics.json 'exports'). Needs the 'onnx' extra.", **fv)
     _define_data_flags(fv)
     _define_safety_flags(fv)
 

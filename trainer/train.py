@@ -22,6 +22,7 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
+from trainer import artifacts
 from trainer import callbacks as callbacks_lib
 from trainer import cluster
 from trainer import config as config_lib
@@ -30,6 +31,7 @@ from trainer import export
 from trainer import features
 from trainer import figures
 from trainer import model as model_lib
+from trainer import onnx_export
 from trainer import preflight
 from trainer import recipe
 from trainer import resume_guard
@@ -146,7 +148,8 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
         return {}
 
     # ------------------------------------------------------------ Evaluate
-    metrics = evaluate.evaluate_splits(config.model_dir, data, config.image_size)
+    predictions = evaluate.predict_splits(config.model_dir, data, config.image_size)
+    metrics = evaluate.split_metrics(predictions, data)
     metrics["history"] = history
     metrics["recipe"] = {"name": config.recipe, "phases": [
         dataclasses.asdict(p) for p in (one, two) if p], **chosen}
@@ -156,11 +159,29 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
     evaluate.write_summaries(metrics, config.model_dir, data, config.image_size,
                              f"{config.log_dir}/evaluation",
                              {**evaluate.hparams_of(config), **chosen_rates},
-                             step=len(history.get("loss", [])))
+                             step=len(history.get("loss", [])), predictions=predictions,
+                             mistakes_png=f"{config.job_dir}/{evaluate.MISTAKES_FILE}")
     figures.save_learning_curves(history, f"{config.job_dir}/{figures.LEARNING_CURVES_FILE}")
-    if config.export_tflite:
-        tflite.export_tflite(config.model_dir, f"{config.job_dir}/tflite")
+    _export_for_devices(config, data, metrics)
     return metrics
+
+
+def _export_for_devices(config: config_lib.Config, data: pipeline.DatasetInfo,
+                        metrics: Dict) -> None:
+    """TFLite and ONNX exports, when asked, each measured by its runtime on the test
+    split (validation without one); metrics.json is rewritten with ``exports``."""
+    if config.export_tflite:
+        tflite.export_tflite(config.model_dir, f"{config.job_dir}/tflite",
+                             calibration_split=data.splits["train"])
+    if config.export_onnx:
+        onnx_export.export_onnx(config.model_dir, f"{config.job_dir}/onnx")
+    found = artifacts.find_artifacts(config.job_dir)
+    if not (config.export_tflite or config.export_onnx) or not found:
+        return
+    split = next(data.splits[s] for s in ("test", "validation")
+                 if s in data.splits and data.splits[s].count)
+    metrics["exports"] = artifacts.measure(config.model_dir, found, split, config.image_size)
+    evaluate.write_metrics(metrics, f"{config.job_dir}/metrics.json")
 
 
 def _choose_image_size(config: config_lib.Config, train: pipeline.Split) -> config_lib.Config:
