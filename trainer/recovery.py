@@ -227,6 +227,17 @@ def restart_in_place(restarts: int) -> None:
     os.execve(sys.executable, sys.orig_argv, {**os.environ, cluster.RESTARTS_ENV: str(restarts)})
 
 
+def exit_now(code: int) -> None:
+    """Flushes the logs and ends the process with ``code`` at once, from any thread.
+
+    For a worker whose main thread is blocked inside TensorFlow (no exception
+    reaches it) or whose peers are lost (TensorFlow's own shutdown would wait
+    for them).
+    """
+    _flush_logs()
+    os._exit(code)
+
+
 def _flush_logs() -> None:
     logging.flush()
     sys.stdout.flush()
