@@ -26,6 +26,7 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
+from trainer import export
 from trainer.data import pipeline
 
 BATCH_SIZE = 32
@@ -66,7 +67,7 @@ def predict_files(model_dir: str, paths: Sequence[str], top_k: int = 1,
       top_k: how many of the most probable classes each result lists.
       batch_size: images per call of the model.
     """
-    serve = tf.saved_model.load(model_dir).signatures["serving_default"]
+    serve = tf.saved_model.load(export.resolve_model_dir(model_dir)).signatures["serving_default"]
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         contents = {path: _read(path) for path in chunk}
