@@ -27,6 +27,17 @@ other host, so nothing else in the process ever meets the throwaway CA. An
 optional per-request ``delay_s`` models the latency to first byte of the
 real service.
 
+**Faults.** The proxy injects the errors Cloud Storage gives at scale (429,
+500, 503, connection resets mid-body, slow replies; tests/gcs_faults.py)
+into requests by kind and rate, deterministically by seed:
+:meth:`GcsEmulator.faults` (or ``set_faults``/``clear_faults``) sends the
+rules to the proxy process over its stdin, which answers each command with
+the counts of what it forwarded and injected. A fault that no client
+retries (403, after the Nth write) stands in for a kill at that write. The
+server forgets a completed upload session, which Cloud Storage remembers
+(a client whose last upload request lost its reply asks); the proxy answers
+for it, as Cloud Storage does.
+
 google-cloud-storage reaches the same server directly through
 ``STORAGE_EMULATOR_HOST``.
 
@@ -466,7 +477,7 @@ def _serve_tls_connection(tls, upstream_port: int, delay_s: float, log_requests:
         kind, fault = (faults.decide(method, _header(headers, "host"), target, headers)
                        if faults else ("", None))
         layout = _STORAGE_LAYOUT.match(target) if method == "GET" else None
-        if fault in ("429", "500", "503"):
+        if fault in ("429", "500", "503", "403"):
             status = int(fault)
             status, reason, response_headers, data = (
                 status, gcs_faults.REASONS[status], [("Content-Type", "application/json")],
@@ -474,6 +485,8 @@ def _serve_tls_connection(tls, upstream_port: int, delay_s: float, log_requests:
         elif layout:
             status, reason, response_headers, data = (
                 200, "OK", [("Content-Type", "application/json")], _storage_layout(layout[1]))
+        elif _is_status_query(method, target, headers, body):
+            status, reason, response_headers, data = _upload_status(target)
         else:
             status, reason, response_headers, data = _completed_session(
                 method, target, forwarder.send(method, target, headers, body))
@@ -511,6 +524,25 @@ def _completed_session(method: str, target: str, response: tuple) -> tuple:
     elif response[0] == 404 and session[1] in _COMPLETED_UPLOADS:
         return _COMPLETED_UPLOADS[session[1]]
     return response
+
+
+def _is_status_query(method: str, target: str, headers, body: bytes) -> bool:
+    """A resumable upload's "how much did you get?" (an empty PUT, Content-Range bytes */N)."""
+    return (method == "PUT" and not body and bool(_UPLOAD_SESSION.search(target))
+            and _header(headers, "content-range").startswith("bytes */"))
+
+
+def _upload_status(target: str) -> tuple:
+    """Cloud Storage's answer to a status query, which fake-gcs-server gets wrong.
+
+    The server finalizes the object with the bytes it has (none, when the
+    proxy failed the upload's PUT) and answers 200: an empty object. Cloud
+    Storage answers an incomplete session with 308 and the persisted range
+    (none here: the proxy forwards an upload's body whole or not at all),
+    and the client sends the data again.
+    """
+    completed = _COMPLETED_UPLOADS.get(_UPLOAD_SESSION.search(target)[1])
+    return completed or (308, "Resume Incomplete", [], b"")
 
 
 def _respond_and_reset(sock, status, reason, headers, body: bytes, method: str) -> None:

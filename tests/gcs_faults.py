@@ -5,6 +5,8 @@ A fault is one of what Cloud Storage really does to clients at scale:
 
 * ``"429"``, ``"500"``, ``"503"``: the request is not forwarded; the reply
   is that HTTP status with a JSON error body, as the real service sends;
+* ``"403"``: likewise, a refusal no client retries: the request and every
+  later one fail at once, as if the process had been killed there;
 * ``"reset"``: the request is forwarded (its effect happens), then the reply
   is cut mid-body and the connection reset (TCP RST);
 * ``"slow"``: the reply comes whole, but half its body after ``slow_s``.
@@ -22,7 +24,7 @@ so a test's time stays bounded).
 
 Deterministic by seed: whether a request is faulted is a hash of the seed,
 the rule, the request (method, path and query without the random upload
-session id, Range) and how often that same request was seen, so the same
+session id, Range, Content-Range) and how often that same request was seen, so the same
 requests meet the same faults in every run whatever the thread
 interleaving.
 """
@@ -33,7 +35,7 @@ import threading
 from typing import Dict, List, Optional
 
 KINDS = ("list", "stat", "read", "write", "compose", "delete", "other")
-FAULTS = ("429", "500", "503", "reset", "slow")
+FAULTS = ("429", "500", "503", "403", "reset", "slow")
 
 _OBJECT = re.compile(r"^/storage/v1/b/[^/]+/o/[^/?]+")
 _LIST = re.compile(r"^/storage/v1/b/[^/]+/o/?(\?|$)")
@@ -93,7 +95,8 @@ class Faults:
         """(kind, fault or None) for a request; counts it."""
         kind = request_kind(method, host, target)
         request = (method, _UPLOAD_ID.sub(r"\1", target),
-                   next((v for k, v in headers if k.lower() == "range"), ""))
+                   *(next((v for k, v in headers if k.lower() == name), "")
+                     for name in ("range", "content-range")))
         with self._lock:
             occurrence = self._seen.get(request, 0)
             self._seen[request] = occurrence + 1
@@ -139,11 +142,14 @@ class Faults:
 
 def error_body(status: int) -> bytes:
     """The JSON error body Cloud Storage sends with a failed request."""
-    reason = {429: "rateLimitExceeded", 500: "backendError", 503: "backendError"}[status]
+    reason = {429: "rateLimitExceeded", 500: "backendError", 503: "backendError",
+              403: "forbidden"}[status]
     message = {429: "The rate of change requests to the object is too high.",
-               500: "Backend Error", 503: "Service Unavailable (injected by the test)"}[status]
+               500: "Backend Error", 503: "Service Unavailable (injected by the test)",
+               403: "Forbidden (injected by the test)"}[status]
     return ('{"error": {"code": %d, "message": "%s", "errors": [{"reason": "%s", '
             '"message": "%s"}]}}' % (status, message, reason, message)).encode()
 
 
-REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+           403: "Forbidden"}
