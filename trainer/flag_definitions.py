@@ -173,6 +173,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "error, and `python -m trainer.tflite` converts any exported model "
         "later.", **fv)
     _define_data_flags(fv)
+    _define_watchdog_flags(fv)
+
+
+def _define_watchdog_flags(fv: dict) -> None:
+    """Flags of the stuck-peer watchdog (trainer/watchdog.py)."""
+    flags.DEFINE_float(
+        "watchdog_seconds", 0.0,
+        "Seconds a training or validation step may take before the worker takes "
+        "the job for stuck (a frozen or hung peer), logs the suspect peers and "
+        "exits with 75, for the job to restart from its last backup. The first "
+        "step of a fit, an epoch's turn to validation and back, and a backup "
+        "may take 10 times as long. 0: adaptive, the larger of "
+        "--watchdog_floor_seconds and 10 x the slowest step so far. Negative: "
+        "no watchdog.", **fv)
+    flags.DEFINE_float(
+        "watchdog_floor_seconds", 300.0,
+        "With --watchdog_seconds=0: the least seconds a step may take before "
+        "the watchdog ends the worker (slow windows: 10 times this).", **fv)
 
 
 def _define_data_flags(fv: dict) -> None:
