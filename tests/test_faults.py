@@ -414,7 +414,7 @@ def test_a_kill_between_the_export_renames_still_leaves_a_model(tmp_path):
 
     with pytest.raises(ValueError, match="non-finite"):
         export.export_model(model, ["circle", "square"], 32, str(target))
-    outputs = tf.saved_model.load(str(target)).signatures["serving_images"](
+    outputs = tf.saved_model.load(export.resolve_model_dir(str(target))).signatures["serving_images"](
         images=tf.zeros([1, 32, 32, 3]))
     assert bool(tf.reduce_all(tf.math.is_finite(outputs["probabilities"])))
     assert not (tmp_path / "model.previous").exists()
