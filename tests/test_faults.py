@@ -445,13 +445,20 @@ def test_stuck_peer_ends_the_other_within_the_bound_and_both_resume(binary_dir, 
         detected = time.monotonic() - stopped
         first.workers[1].kill()  # As the platform replaces a hung replica.
     assert code == watchdog.STUCK_EXIT_CODE, first.chief.tail()
-    [line] = first.chief.matches(
-        r"Stuck: no training progress for ([\d.]+) s \(bound ([\d.]+) s.*suspect: (\S+) \(frozen\)")
-    waited, bound, suspect = float(line.group(1)), float(line.group(2)), line.group(3)
-    assert suspect == f"127.0.0.1:{first._ports[1]}"
-    # Detected within its bound (plus the watchdog's poll and the 2 s probe), and the
-    # bound is the floor's unless steps were slower or a slow window was in progress.
-    assert waited <= bound + 1.5
+    [line] = first.chief.matches(r"Stuck: .*suspect: (\S+) \(frozen\)")
+    assert line.group(1) == f"127.0.0.1:{first._ports[1]}"
+    # The watchdog's bound, or TensorFlow's heartbeat timeout (about 10 s: a
+    # stopped process stops its heartbeats too), whichever ran out first.
+    bounds = first.chief.matches(r"Stuck: no training progress for ([\d.]+) s \(bound ([\d.]+) s")
+    if bounds:
+        waited, bound = float(bounds[0].group(1)), float(bounds[0].group(2))
+        assert waited <= bound + 1.5
+        how = f"the watchdog (bound {bound:.1f} s)"
+    else:
+        assert first.chief.matches(r"Stuck: collectives aborted")
+        bound = 10.0
+        how = "TensorFlow's heartbeat timeout, then the probe"
+    # Plus the watchdog's poll, the 2 s probe and a loaded machine's delays.
     assert detected <= bound + 15, (detected, bound)
     backed_up = max(step for step, _ in _backups(first.chief, 1))
     killed_at = _last_step(first.chief, 1)
@@ -465,6 +472,6 @@ def test_stuck_peer_ends_the_other_within_the_bound_and_both_resume(binary_dir, 
     assert _iterations(tmp_path / "job", 1) == 2 * STEPS
     assert _iterations(tmp_path / "job", 2) == 1 * STEPS
     _record("SIGSTOP one worker mid-phase (alive but stuck); restart both",
-            f"the other exited {code} {detected:.1f} s after the stop (bound {bound:.1f} s), "
+            f"the other exited {code} {detected:.1f} s after the stop, by {how}, "
             f"naming the frozen peer; both resumed at step {backed_up} and finished",
             killed_at - backed_up, moved - second.started)
