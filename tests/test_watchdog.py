@@ -90,3 +90,22 @@ def test_probe_tells_a_frozen_peer_from_a_live_and_a_gone_one():
     finally:
         frozen.close()
         live.close()
+
+
+def test_after_a_transient_failure_a_frozen_peer_ends_the_worker_with_75(monkeypatch):
+    """recovery.py's side: TensorFlow's heartbeat can abort first; a frozen peer still
+    means exit 75, and the restart's wait does not take its open port for a live peer."""
+    from trainer import recovery
+
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(1)
+    address = f"127.0.0.1:{frozen.getsockname()[1]}"
+    exits = []
+    monkeypatch.setattr(recovery, "exit_now", exits.append)
+    try:
+        assert not recovery.wait_for_peers([address], timeout=0.5, interval=0.1)
+        recovery._exit_if_a_peer_is_frozen([address])
+    finally:
+        frozen.close()
+    assert exits == [watchdog.STUCK_EXIT_CODE]
