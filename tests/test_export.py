@@ -131,3 +131,13 @@ def test_a_path_without_a_model_is_an_error_naming_it(tmp_path):
     (tmp_path / "model" / "1").mkdir(parents=True)  # An export killed before saved_model.pb.
     with pytest.raises(FileNotFoundError, match=f"No exported model at {tmp_path}/model"):
         export.resolve_model_dir(str(tmp_path / "model"))
+
+
+def test_the_command_prints_the_folder_to_upload(tmp_path, capsys):
+    (tmp_path / "model" / "1").mkdir(parents=True)
+    (tmp_path / "model" / "1" / export.SAVED_MODEL_FILE).write_bytes(b"")
+    (tmp_path / "model" / "2").mkdir()  # Incomplete: no saved_model.pb yet.
+    assert export.main(["export", str(tmp_path / "model")]) == 0
+    assert capsys.readouterr().out.strip() == f"{tmp_path}/model/1"
+    assert export.main(["export", str(tmp_path / "none")]) == 1
+    assert "No exported model at" in capsys.readouterr().err

@@ -286,7 +286,11 @@ def main(argv: Sequence[str]) -> int:
         print(f"Usage: python -m trainer.export MODEL_DIR  (prints the folder to serve or "
               "upload, e.g. job/model/3)", file=sys.stderr)
         return 2
-    print(resolve_model_dir(argv[1]))
+    try:
+        print(resolve_model_dir(argv[1]))
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 1
     return 0
 
 
