@@ -27,6 +27,17 @@ other host, so nothing else in the process ever meets the throwaway CA. An
 optional per-request ``delay_s`` models the latency to first byte of the
 real service.
 
+**Faults.** The proxy injects the errors Cloud Storage gives at scale (429,
+500, 503, connection resets mid-body, slow replies; tests/gcs_faults.py)
+into requests by kind and rate, deterministically by seed:
+:meth:`GcsEmulator.faults` (or ``set_faults``/``clear_faults``) sends the
+rules to the proxy process over its stdin, which answers each command with
+the counts of what it forwarded and injected. A fault that no client
+retries (403, after the Nth write) stands in for a kill at that write. The
+server forgets a completed upload session, which Cloud Storage remembers
+(a client whose last upload request lost its reply asks); the proxy answers
+for it, as Cloud Storage does.
+
 google-cloud-storage reaches the same server directly through
 ``STORAGE_EMULATOR_HOST``.
 
@@ -55,6 +66,7 @@ Usage (benchmarks, scripts)::
 """
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -62,13 +74,19 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from typing import Dict, Optional
+from typing import Dict, List, Optional
+
+try:
+    import gcs_faults  # tests/ on sys.path: the proxy process, the test session.
+except ImportError:
+    from tests import gcs_faults  # Benchmarks, from the repository root.
 
 HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 
@@ -202,6 +220,7 @@ class GcsEmulator:
         self.proxy_port: Optional[int] = None
         self._process: Optional[subprocess.Popen] = None
         self._saved_environ: Dict[str, Optional[str]] = {}
+        self._lock = threading.Lock()
 
     @property
     def server_url(self) -> str:
@@ -250,6 +269,49 @@ class GcsEmulator:
             headers={"Content-Type": "application/json"}, method="POST")
         with _direct_opener().open(request, timeout=10):
             pass
+
+    def set_faults(self, rules: List[dict], seed: int = 0, slow_s: float = 0.5) -> dict:
+        """Injects faults into every later request (tests/gcs_faults.py); resets the counts.
+
+        Args:
+          rules: each a dict of ``faults`` (of gcs_faults.FAULTS), and optionally
+            ``kinds`` (of gcs_faults.KINDS; all by default), ``rate`` (1.0),
+            ``after`` and ``after_kind`` (start once ``after`` requests of that
+            kind were forwarded; 0, "write"), ``max_in_a_row`` (2; None: no end).
+          seed: decides, with each request, which requests are faulted.
+          slow_s: the pause inside a "slow" response.
+        """
+        return self._send({"op": "faults", "rules": rules, "seed": seed, "slow_s": slow_s})
+
+    def clear_faults(self) -> dict:
+        """Stops injecting faults; returns the counts since set_faults."""
+        return self._send({"op": "faults", "rules": []})
+
+    def stats(self) -> dict:
+        """{'forwarded': {kind: n}, 'injected': {kind: {fault: n}}} since the last set/reset."""
+        return self._send({"op": "stats"})
+
+    def reset_counts(self) -> dict:
+        return self._send({"op": "reset_counts"})
+
+    @contextlib.contextmanager
+    def faults(self, rules: List[dict], seed: int = 0, slow_s: float = 0.5):
+        """set_faults for the block; yields a dict that receives the final stats."""
+        result: dict = {}
+        self.set_faults(rules, seed, slow_s)
+        try:
+            yield result
+        finally:
+            result.update(self.clear_faults())
+
+    def _send(self, command: dict) -> dict:
+        with self._lock:
+            self._process.stdin.write(json.dumps(command) + "\n")
+            self._process.stdin.flush()
+            answer = json.loads(self._process.stdout.readline())
+        if not answer.pop("ok"):
+            raise ValueError(answer["error"])
+        return answer
 
     def stop(self) -> None:
         """Stops both servers and restores the environment :meth:`apply_environ` changed."""
@@ -326,7 +388,7 @@ def _read_body(stream, headers) -> bytes:
     return stream.read(length) if length else b""
 
 
-def _respond(sock, status: int, reason: str, headers, body: bytes, method: str) -> None:
+def _response_bytes(status: int, reason: str, headers, body: bytes, method: str):
     lines = [f"HTTP/1.1 {status} {reason}"]
     lines += [f"{k}: {v}" for k, v in headers if k.lower() not in _HOP_BY_HOP]
     if method == "HEAD":
@@ -336,7 +398,18 @@ def _respond(sock, status: int, reason: str, headers, body: bytes, method: str) 
     elif status >= 200 and status not in (204, 304):
         lines.append(f"Content-Length: {len(body)}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    sock.sendall(head + (b"" if method == "HEAD" else body))
+    return head, (b"" if method == "HEAD" else body)
+
+
+def _respond(sock, status: int, reason: str, headers, body: bytes, method: str,
+             pause: float = 0.0) -> None:
+    head, body = _response_bytes(status, reason, headers, body, method)
+    if pause:  # A slow response: half the body, a pause, the rest.
+        sock.sendall(head + body[:len(body) // 2])
+        time.sleep(pause)
+        sock.sendall(body[len(body) // 2:])
+        return
+    sock.sendall(head + body)
 
 
 def _storage_layout(bucket: str) -> bytes:
@@ -386,7 +459,8 @@ class _Forwarder:
         raise AssertionError("unreachable")
 
 
-def _serve_tls_connection(tls, upstream_port: int, delay_s: float, log_requests: bool) -> None:
+def _serve_tls_connection(tls, upstream_port: int, delay_s: float, log_requests: bool,
+                          faults=None) -> None:
     stream = tls.makefile("rb")
     forwarder = _Forwarder(upstream_port)
     while True:
@@ -400,26 +474,88 @@ def _serve_tls_connection(tls, upstream_port: int, delay_s: float, log_requests:
         body = _read_body(stream, headers)
         if delay_s:
             time.sleep(delay_s)
+        kind, fault = (faults.decide(method, _header(headers, "host"), target, headers)
+                       if faults else ("", None))
         layout = _STORAGE_LAYOUT.match(target) if method == "GET" else None
-        if layout:
+        if fault in ("429", "500", "503", "403"):
+            status = int(fault)
+            status, reason, response_headers, data = (
+                status, gcs_faults.REASONS[status], [("Content-Type", "application/json")],
+                gcs_faults.error_body(status))
+        elif layout:
             status, reason, response_headers, data = (
                 200, "OK", [("Content-Type", "application/json")], _storage_layout(layout[1]))
+        elif _is_status_query(method, target, headers, body):
+            status, reason, response_headers, data = _upload_status(target)
         else:
-            status, reason, response_headers, data = forwarder.send(method, target, headers, body)
+            status, reason, response_headers, data = _completed_session(
+                method, target, forwarder.send(method, target, headers, body))
         if log_requests:
             print(f"{time.time():.3f} {method} {_header(headers, 'host')}{target} "
                   f"{len(body)} B -> {status} {len(data)} B in "
-                  f"{1000 * (time.monotonic() - started):.0f} ms", file=sys.stderr, flush=True)
-        _respond(tls, status, reason, response_headers, data, method)
-        if log_requests:
-            print(f"  sent in {1000 * (time.monotonic() - started):.0f} ms", file=sys.stderr,
-                  flush=True)
+                  f"{1000 * (time.monotonic() - started):.0f} ms [{kind} {fault or ''}]",
+                  file=sys.stderr, flush=True)
+        if fault == "reset":
+            _respond_and_reset(tls, status, reason, response_headers, data, method)
+            return
+        _respond(tls, status, reason, response_headers, data, method,
+                 pause=(faults.slow_s if fault == "slow" else 0.0))
         if _header(headers, "connection").lower() == "close":
             return
 
 
+_UPLOAD_SESSION = re.compile(r"[?&]upload_id=([^&]+)")
+_COMPLETED_UPLOADS: Dict[str, tuple] = {}
+
+
+def _completed_session(method: str, target: str, response: tuple) -> tuple:
+    """The response, or the stored success of an upload session that already completed.
+
+    A client whose final upload request lost its reply (a reset) asks the
+    session's status; Cloud Storage answers a completed session with 200
+    and the object's metadata, fake-gcs-server with 404 (it forgets the
+    session). So the proxy keeps each session's success and answers that.
+    """
+    session = _UPLOAD_SESSION.search(target) if method == "PUT" else None
+    if not session:
+        return response
+    if response[0] in (200, 201):
+        _COMPLETED_UPLOADS[session[1]] = response
+    elif response[0] == 404 and session[1] in _COMPLETED_UPLOADS:
+        return _COMPLETED_UPLOADS[session[1]]
+    return response
+
+
+def _is_status_query(method: str, target: str, headers, body: bytes) -> bool:
+    """A resumable upload's "how much did you get?" (an empty PUT, Content-Range bytes */N)."""
+    return (method == "PUT" and not body and bool(_UPLOAD_SESSION.search(target))
+            and _header(headers, "content-range").startswith("bytes */"))
+
+
+def _upload_status(target: str) -> tuple:
+    """Cloud Storage's answer to a status query, which fake-gcs-server gets wrong.
+
+    The server finalizes the object with the bytes it has (none, when the
+    proxy failed the upload's PUT) and answers 200: an empty object. Cloud
+    Storage answers an incomplete session with 308 and the persisted range
+    (none here: the proxy forwards an upload's body whole or not at all),
+    and the client sends the data again.
+    """
+    completed = _COMPLETED_UPLOADS.get(_UPLOAD_SESSION.search(target)[1])
+    return completed or (308, "Resume Incomplete", [], b"")
+
+
+def _respond_and_reset(sock, status, reason, headers, body: bytes, method: str) -> None:
+    """Sends the head and at most half the body, then resets the connection (RST)."""
+    head, _ = _response_bytes(status, reason, headers, body, method)
+    sock.sendall(head + body[:len(body) // 2])
+    # No TLS close_notify: curl sees the stream cut, as when a connection drops.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def _handle_client(sock, context, upstream_port: int, delay_s: float,
-                   log_requests: bool) -> None:
+                   log_requests: bool, faults=None) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         head = b""
@@ -435,7 +571,7 @@ def _handle_client(sock, context, upstream_port: int, delay_s: float,
             return
         sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         with context.wrap_socket(sock, server_side=True) as tls:
-            _serve_tls_connection(tls, upstream_port, delay_s, log_requests)
+            _serve_tls_connection(tls, upstream_port, delay_s, log_requests, faults)
     except (OSError, ssl.SSLError, ValueError):
         pass  # The client went away; curl retries or reports it.
     finally:
@@ -483,7 +619,7 @@ def _start_server_on_a_free_port(attempts: int = 5):
 
 
 def _listen(cert: str, key: str, upstream_port: int, delay_s: float,
-            log_requests: bool) -> int:
+            log_requests: bool, faults=None) -> int:
     """Starts the proxy's accept loop in a thread; returns its port."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
@@ -496,7 +632,7 @@ def _listen(cert: str, key: str, upstream_port: int, delay_s: float,
             sock, _ = listener.accept()
             threading.Thread(target=_handle_client, daemon=True,
                              args=(sock, context, upstream_port, delay_s,
-                                   log_requests)).start()
+                                   log_requests, faults)).start()
 
     threading.Thread(target=accept_forever, daemon=True).start()
     return listener.getsockname()[1]
@@ -506,18 +642,36 @@ def serve(cert: str, key: str, delay_s: float = 0.0, log_requests: bool = False)
     """Runs fake-gcs-server and the proxy until stdin closes.
 
     Prints ``{"server_port": ..., "proxy_port": ...}`` as the first line of
-    stdout once both accept connections.
+    stdout once both accept connections. Then each line on stdin is a
+    command (JSON, see :func:`_command`), answered by one line of JSON.
     """
     # SIGTERM would otherwise end us without the finally that stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server_port, server = _start_server_on_a_free_port()
+    faults = gcs_faults.Faults()
     try:
-        proxy_port = _listen(cert, key, server_port, delay_s, log_requests)
+        proxy_port = _listen(cert, key, server_port, delay_s, log_requests, faults)
         print(json.dumps({"server_port": server_port, "proxy_port": proxy_port}), flush=True)
-        sys.stdin.read()  # Returns at EOF: the parent stopped us or died.
+        for line in sys.stdin:  # Ends at EOF: the parent stopped us or died.
+            print(json.dumps(_command(faults, json.loads(line))), flush=True)
     finally:
         server.terminate()
         server.wait()
+
+
+def _command(faults: "gcs_faults.Faults", command: dict) -> dict:
+    """Applies one command of the parent: set or clear fault rules, read the counters."""
+    try:
+        stats = faults.stats()  # Of the period that this command ends.
+        if command["op"] == "faults":
+            faults.configure(command["rules"], command.get("seed", 0),
+                             command.get("slow_s", 0.5))
+            faults.reset_counts()
+        elif command["op"] == "reset_counts":
+            faults.reset_counts()
+        return {"ok": True, **stats}
+    except (KeyError, ValueError, TypeError) as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
 
 def _parse_args(argv):

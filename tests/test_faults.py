@@ -142,7 +142,7 @@ def test_kill_both_workers_in_each_phase_resumes_and_finishes(binary_dir, tmp_pa
     assert _iterations(job_dir, 1) == 2 * STEPS
     assert _iterations(job_dir, 2) == 1 * STEPS
     # Every worker exported (the non-chief to scratch, then removed); the chief evaluated.
-    assert (job_dir / "model" / "saved_model.pb").exists()
+    assert (job_dir / "model" / "1" / "saved_model.pb").exists()
     assert (job_dir / "metrics.json").exists()
     assert sorted(p.name for p in job_dir.iterdir() if p.name.startswith("model")) == ["model"]
 
@@ -361,30 +361,37 @@ def test_kill_mid_epoch_inside_a_checkpoint_write_resumes_from_the_previous_back
             "and finished", redone, None)
 
 
-def test_kill_during_the_export_keeps_the_previous_model(sigterm_job, binary_dir, tmp_path):
-    """Fault 5b: SIGKILL as soon as model.partial appears; the old model still serves.
+def test_kill_during_the_export_keeps_a_whole_model(sigterm_job, binary_dir, tmp_path):
+    """Fault 5b: SIGKILL as soon as the new version folder appears; a whole model serves.
 
     Re-running the finished job of ``sigterm_job`` restores both phases as
-    finished and goes straight to the export.
+    finished and goes straight to the export, which writes version 2 beside
+    version 1 (trainer/export.py). Every kill point on gs:// is
+    tests/test_export.py's; this is the real process, killed mid-copy.
     """
+    from trainer import export
+
     finished, _, _ = sigterm_job
     job_dir = tmp_path / "job"
     shutil.copytree(finished, job_dir)
-    before = (job_dir / "model" / "saved_model.pb").read_bytes()
+    before = (job_dir / "model" / "1" / "saved_model.pb").read_bytes()
     args = _args(binary_dir, job_dir, 1, feature_cache="false")
 
     with Job(args, 1, str(tmp_path / "worker.log")) as job:
-        hit = _kill_when(lambda: (job_dir / "model.partial").exists() and "model.partial", job)
+        hit = _kill_when(lambda: (job_dir / "model" / "2").exists() and "model/2", job)
         assert hit, job.chief.tail()
         assert job.wait(30) == [-signal.SIGKILL]
-    assert (job_dir / "model" / "saved_model.pb").read_bytes() == before
-    loaded = tf.saved_model.load(str(job_dir / "model"))
+    served = export.resolve_model_dir(str(job_dir / "model"))
+    # The kill lands within the copy (then version 1 serves, untouched) or just after it.
+    assert served in (f"{job_dir}/model/1", f"{job_dir}/model/2")
+    if served.endswith("/1"):
+        assert (job_dir / "model" / "1" / "saved_model.pb").read_bytes() == before
+    loaded = tf.saved_model.load(served)
     out = loaded.signatures["serving_images"](images=tf.zeros([1, 32, 32, 3]))
     assert out["probabilities"].shape == (1, 2)
-    _record("kill -9 during the export (model.partial present)",
-            "previous model intact and serving; the next export removes model.partial",
+    _record("kill -9 during the export (new version folder appearing)",
+            f"model/ resolved to version {served.rsplit('/', 1)[1]}, whole, and served",
             None, None)
-
 
 
 def test_a_kill_between_the_export_renames_still_leaves_a_model(tmp_path):
@@ -407,9 +414,64 @@ def test_a_kill_between_the_export_renames_still_leaves_a_model(tmp_path):
 
     with pytest.raises(ValueError, match="non-finite"):
         export.export_model(model, ["circle", "square"], 32, str(target))
-    outputs = tf.saved_model.load(str(target)).signatures["serving_images"](
+    outputs = tf.saved_model.load(export.resolve_model_dir(str(target))).signatures["serving_images"](
         images=tf.zeros([1, 32, 32, 3]))
     assert bool(tf.reduce_all(tf.math.is_finite(outputs["probabilities"])))
     assert not (tmp_path / "model.previous").exists()
-    _record("kill -9 between the export's two renames (state made by the test)",
+    _record("old, unversioned layout: kill -9 between its export's two renames "
+            "(state made by the test)",
             "next export restores model.previous first; model still serves", None, None)
+
+
+# ------------------------------------------------------------ Stuck peer
+
+
+def test_stuck_peer_ends_the_other_within_the_bound_and_both_resume(binary_dir, tmp_path):
+    """Fault 8: SIGSTOP one of two workers mid-phase (alive, port open, silent).
+
+    TensorFlow would wait in the next all-reduce forever; the watchdog
+    (trainer/watchdog.py, a 5 s floor here) ends the other worker with exit
+    75 and a line naming the frozen peer. The platform then restarts both
+    (here: the test), and they resume from the last backup.
+    """
+    from trainer import watchdog
+
+    args = _args(binary_dir, tmp_path / "job", 2, watchdog_floor_seconds=5)
+    log = str(tmp_path / "workers.log")
+    with Job(args, 2, log) as first:
+        first.chief.wait_for(r"Phase 1: step 9 done", WAIT)
+        stopped = first.workers[1].signal(signal.SIGSTOP)
+        code = first.chief.wait(90)
+        detected = time.monotonic() - stopped
+        first.workers[1].kill()  # As the platform replaces a hung replica.
+    assert code == watchdog.STUCK_EXIT_CODE, first.chief.tail()
+    [line] = first.chief.matches(r"Stuck: .*suspect: (\S+) \(frozen\)")
+    assert line.group(1) == f"127.0.0.1:{first._ports[1]}"
+    # The watchdog's bound, or TensorFlow's heartbeat timeout (about 10 s: a
+    # stopped process stops its heartbeats too), whichever ran out first.
+    bounds = first.chief.matches(r"Stuck: no training progress for ([\d.]+) s \(bound ([\d.]+) s")
+    if bounds:
+        waited, bound = float(bounds[0].group(1)), float(bounds[0].group(2))
+        assert waited <= bound + 1.5
+        how = f"the watchdog (bound {bound:.1f} s)"
+    else:
+        assert first.chief.matches(r"Stuck: collectives aborted")
+        bound = 10.0
+        how = "TensorFlow's heartbeat timeout, then the probe"
+    # Plus the watchdog's poll, the 2 s probe and a loaded machine's delays.
+    assert detected <= bound + 15, (detected, bound)
+    backed_up = max(step for step, _ in _backups(first.chief, 1))
+    killed_at = _last_step(first.chief, 1)
+
+    with Job(args, 2, log) as second:
+        resumed = [_resumed_at(w, 1) for w in second.workers]
+        moved = _first_step_after(second.chief, 1, resumed[0])
+        assert second.wait(WAIT) == [0, 0], second.chief.tail() + second.workers[1].tail()
+    assert resumed == [backed_up, backed_up]
+    assert 0 <= killed_at - backed_up <= EVERY
+    assert _iterations(tmp_path / "job", 1) == 2 * STEPS
+    assert _iterations(tmp_path / "job", 2) == 1 * STEPS
+    _record("SIGSTOP one worker mid-phase (alive but stuck); restart both",
+            f"the other exited {code} {detected:.1f} s after the stop, by {how}, "
+            f"naming the frozen peer; both resumed at step {backed_up} and finished",
+            killed_at - backed_up, moved - second.started)

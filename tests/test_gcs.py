@@ -87,14 +87,15 @@ def test_training_job_reads_and_writes_gcs(gcs_records, gcs_dir, make_config):
     assert metrics["validation"]["count"] == 12 and metrics["test"]["count"] == 8
     names = _objects(job_dir)
     assert "config.json" in names and "metrics.json" in names
-    assert "model/saved_model.pb" in names and "model/class_names.json" in names
-    assert any(n.startswith("model/variables/variables.data") for n in names)
+    assert "model/1/saved_model.pb" in names and "model/1/class_names.json" in names
+    assert any(n.startswith("model/1/variables/variables.data") for n in names)
+    assert metrics["model"] == f"{job_dir}/model/1"
     assert any(n.startswith("checkpoints/phase1/") for n in names)
     assert any(n.startswith("checkpoints/phase2/") for n in names)
     assert any(n.startswith("logs/train/events.out.tfevents") for n in names)
     assert any(n.startswith("logs/validation/events.out.tfevents") for n in names)
     assert not [n for n in names if n.startswith(("model.partial/", "model.previous/"))]
-    served = tf.saved_model.load(f"{job_dir}/model").signatures["serving_images"]
+    served = tf.saved_model.load(f"{job_dir}/model/1").signatures["serving_images"]
     assert served(images=tf.zeros([1, 32, 32, 3]))["probabilities"].shape == (1, 2)
 
 

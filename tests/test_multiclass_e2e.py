@@ -38,7 +38,7 @@ def test_job_leaves_every_result_with_the_four_class_names(finished_job):
 def test_served_labels_are_class_names_and_agree_with_probabilities(finished_job):
     config, _ = finished_job
     with open(os.path.join(config.data_dir, "test", "triangle", "0001.jpg"), "rb") as f:
-        outputs = tf.saved_model.load(config.model_dir).signatures["serving_default"](
+        outputs = tf.saved_model.load(export.resolve_model_dir(config.model_dir)).signatures["serving_default"](
             image_bytes=tf.constant([f.read()]))
     names = [n.decode() for n in outputs["class_names"].numpy()[0]]
     assert names == FOUR_CLASSES

@@ -7,6 +7,7 @@ import tf_keras as keras
 
 from conftest import tiny_config
 from trainer import cluster
+from trainer import export
 from trainer import features
 from trainer import model as model_lib
 from trainer import train
@@ -140,7 +141,7 @@ def test_mixed_precision_keeps_logits_float32(shapes_dir, tmp_path):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert np.isfinite(metrics["history"]["loss"]).all()
-    served = tf.saved_model.load(config.model_dir).signatures["serving_images"]
+    served = tf.saved_model.load(export.resolve_model_dir(config.model_dir)).signatures["serving_images"]
     out = served(images=tf.zeros([1, 32, 32, 3]))["probabilities"]
     assert out.dtype == tf.float32
     np.testing.assert_allclose(out.numpy().sum(), 1.0, rtol=1e-3)

@@ -131,4 +131,4 @@ def test_killed_job_resumes_in_each_phase(binary_dir, tmp_path):
     steps = 6  # 24 train images / batch 4.
     assert optimizer_iterations(f"{job_dir}/checkpoints/phase1") == 3 * steps
     assert optimizer_iterations(f"{job_dir}/checkpoints/phase2") == 2 * steps
-    assert (job_dir / "model" / "saved_model.pb").exists()
+    assert (job_dir / "model" / "1" / "saved_model.pb").exists()

@@ -20,7 +20,7 @@ def _test_images(data_dir, image_size):
 
 
 def _saved_model_probabilities(model_dir, images):
-    serve = tf.saved_model.load(model_dir).signatures["serving_images"]
+    serve = tf.saved_model.load(export.resolve_model_dir(model_dir)).signatures["serving_images"]
     return serve(images=tf.constant(images))["probabilities"].numpy()
 
 

@@ -57,7 +57,7 @@ def test_tensorboard_has_epoch_scalars_and_phase_two_continues(finished_run):
 
 def test_saved_model_classifies_jpeg_bytes_with_class_names(finished_run, binary_dir):
     config, _ = finished_run
-    loaded = tf.saved_model.load(config.model_dir)
+    loaded = tf.saved_model.load(export.resolve_model_dir(config.model_dir))
     paths = tf.io.gfile.glob(f"{binary_dir}/test/*/*.jpg")[:3]
     images = tf.constant([tf.io.gfile.GFile(p, "rb").read() for p in paths])
     out = loaded.signatures["serving_default"](image_bytes=images)
@@ -65,7 +65,7 @@ def test_saved_model_classifies_jpeg_bytes_with_class_names(finished_run, binary
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
     assert set(out["label"].numpy().tolist()) <= {b"circle", b"square"}
     assert out["class_names"].numpy()[0].tolist() == [b"circle", b"square"]
-    with tf.io.gfile.GFile(f"{config.model_dir}/{export.CLASS_NAMES_FILE}") as f:
+    with tf.io.gfile.GFile(f"{export.resolve_model_dir(config.model_dir)}/{export.CLASS_NAMES_FILE}") as f:
         assert json.load(f) == ["circle", "square"]
 
 
@@ -75,7 +75,7 @@ def test_metrics_json_matches_evaluating_the_exported_model(finished_run, binary
         written = json.load(f)
     assert written["test"]["count"] == 8  # The generated test/ split: 4 per class.
     info = pipeline.describe(binary_dir)
-    serve = tf.saved_model.load(config.model_dir).signatures["serving_default"]
+    serve = tf.saved_model.load(export.resolve_model_dir(config.model_dir)).signatures["serving_default"]
     correct = 0
     for path, label in zip(info.splits["test"].paths, info.splits["test"].labels):
         out = serve(image_bytes=tf.constant([tf.io.gfile.GFile(path, "rb").read()]))
@@ -92,9 +92,9 @@ def test_rerunning_a_finished_job_resumes_to_export(finished_run):
     before = optimizer_iterations(f"{config.checkpoint_dir}/phase2")
     train.train_and_evaluate(config, tf.distribute.get_strategy())
     assert optimizer_iterations(f"{config.checkpoint_dir}/phase2") == before
-    assert tf.io.gfile.exists(f"{config.model_dir}/saved_model.pb")
-    assert not tf.io.gfile.exists(f"{config.model_dir}.partial")
-    assert not tf.io.gfile.exists(f"{config.model_dir}.previous")
+    # One more version, the previous one kept (trainer/export.py).
+    assert sorted(tf.io.gfile.listdir(config.model_dir)) == ["1", "2"]
+    assert export.resolve_model_dir(config.model_dir) == f"{config.model_dir}/2"
 
 
 @pytest.mark.parametrize("fine_tune_at, feature_cache, fine_tune_cache", [
@@ -125,7 +125,7 @@ def test_batchnorm_statistics_never_change(binary_dir, tmp_path, fine_tune_at, f
 
     after_model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False,
                                                  weights=None)
-    after_model.load_weights(f"{config.model_dir}/{export.BACKBONE_WEIGHTS_FILE}")
+    after_model.load_weights(f"{export.resolve_model_dir(config.model_dir)}/{export.BACKBONE_WEIGHTS_FILE}")
     after = {v.name: v.numpy() for v in after_model.weights}
     moving = [n for n in before if "moving_" in n]
     gammas = [n for n in before if n.endswith("gamma:0")]

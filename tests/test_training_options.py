@@ -10,6 +10,7 @@ from conftest import tiny_config
 from trainer import callbacks as callbacks_lib
 from trainer import cluster
 from trainer import config as config_lib
+from trainer import export
 from trainer import model as model_lib
 from trainer import schedules
 from trainer import train
@@ -99,7 +100,7 @@ def test_early_stopping_restores_the_best_epochs_weights(colour_dir, tmp_path, m
     assert len(val_loss) == best + 3, val_loss  # Stopped after 2 epochs without improvement.
     assert min(val_loss[2:]) > val_loss[best], val_loss
     # The exported model's logit kernel: its one variable of that shape ([128, 3]).
-    exported = tf.train.load_checkpoint(f"{config.model_dir}/variables/variables")
+    exported = tf.train.load_checkpoint(f"{export.resolve_model_dir(config.model_dir)}/variables/variables")
     shape = list(logits_by_epoch[0][0].shape)
     [kernel] = [exported.get_tensor(k) for k, v in exported.get_variable_to_shape_map().items()
                 if v == shape and "OPTIMIZER" not in k]

@@ -25,6 +25,7 @@ from typing import Callable, Dict, Mapping
 import numpy as np
 import tensorflow as tf
 
+from trainer import export
 from trainer import onnx_export
 from trainer import tflite
 from trainer.data import pipeline
@@ -105,6 +106,7 @@ def measure(model_dir: str, artifacts: Mapping[str, str], split: pipeline.Split,
       split), "threads": THREADS, "artifacts": {name: {...}}}, the SavedModel
       first.
     """
+    model_dir = export.resolve_model_dir(model_dir)
     images, labels = split_images(split, image_size)
     results, reference = {}, None
     for name, path in {SAVED_MODEL: model_dir, **artifacts}.items():

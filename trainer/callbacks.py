@@ -24,6 +24,8 @@ import tf_keras as keras
 from absl import logging
 
 from trainer import recovery
+from trainer import storage
+from trainer import watchdog
 
 
 class EpochExtras(keras.callbacks.Callback):
@@ -215,7 +217,12 @@ class Backup(keras.callbacks.BackupAndRestore):
         self._backup(epoch, self.params["steps"] - 1, reason="epoch end")
 
     def _backup(self, epoch, batch=0, reason=""):
-        super()._backup(epoch=epoch, batch=batch)
+        with storage.explain_failures(
+                f"Phase {self._phase}: backing up to {self.backup_dir}",
+                "The previous backup is intact (TensorFlow writes a checkpoint under a "
+                "temporary name first); a restart resumes from it."), \
+                watchdog.slow_section("backup"):
+            super()._backup(epoch=epoch, batch=batch)
         logging.info("Phase %d: backed up at step %d (epoch %d, step %d of %d; %s).",
                      self._phase, self._step(), epoch + 1, batch + 1, self.params["steps"],
                      reason or f"every {self._every_steps} steps")

@@ -94,6 +94,9 @@ class Config:
     jit_compile: bool = False
     max_restarts: int = 3
     restart_wait_seconds: float = 600.0
+    # Stuck peers (trainer/watchdog.py): 0 adapts the bound to the measured steps.
+    watchdog_seconds: float = 0.0
+    watchdog_floor_seconds: float = 300.0
     # A Config built in code runs exactly the epochs and rates it names
     # ("tutorial"); the --recipe flag defaults to "auto" (see trainer/recipe.py).
     recipe: str = recipe_lib.TUTORIAL
@@ -227,6 +230,7 @@ def validate(config: Config, check_paths: bool = True) -> None:
         ("fine_tune_cache_max_gb", config.fine_tune_cache_max_gb >= 0, "must be 0 or more"),
         ("max_restarts", config.max_restarts >= 0, "must be 0 or more"),
         ("restart_wait_seconds", config.restart_wait_seconds >= 0, "must be 0 or more"),
+        ("watchdog_floor_seconds", config.watchdog_floor_seconds > 0, "must be positive"),
         ("job_dir", bool(config.job_dir), "must not be empty"),
         ("recipe", config.recipe in recipe_lib.RECIPES,
          f"must be one of {list(recipe_lib.RECIPES)}"),

@@ -61,10 +61,11 @@ def _pretrain_backbone(config, source_dir, job_dir, strategy, info) -> str:
     source = config.replace(
         data_dir=source_dir, weights="none", demo=False, **SOURCE_TRAINING,
         **config_lib.resolve_output_dirs(job_dir, environ={}))
-    weights = f"{source.model_dir}/{export.BACKBONE_WEIGHTS_FILE}"
-    if not tf.io.gfile.exists(weights):
-        logging.info("Demo: pre-training %s on the source task %s", config.backbone, source_dir)
-        metrics = train.train_and_evaluate(source, strategy, info)
-        logging.info("Demo: source task validation accuracy %.3f",
-                     metrics["validation"]["accuracy"])
-    return weights
+    try:
+        return f"{export.resolve_model_dir(source.model_dir)}/{export.BACKBONE_WEIGHTS_FILE}"
+    except FileNotFoundError:
+        pass  # Not trained yet.
+    logging.info("Demo: pre-training %s on the source task %s", config.backbone, source_dir)
+    metrics = train.train_and_evaluate(source, strategy, info)
+    logging.info("Demo: source task validation accuracy %.3f", metrics["validation"]["accuracy"])
+    return f"{export.resolve_model_dir(source.model_dir)}/{export.BACKBONE_WEIGHTS_FILE}"

@@ -58,7 +58,7 @@ _NOT_HPARAMS = ("job_dir", "model_dir", "checkpoint_dir", "log_dir", "cache",
 def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
                   batch_size: int = 64):
     """Probabilities [n, classes] and labels [n] of a split, by the served model."""
-    serve = tf.saved_model.load(model_dir).signatures["serving_images"]
+    serve = tf.saved_model.load(export.resolve_model_dir(model_dir)).signatures["serving_images"]
     dataset = pipeline.make_dataset(split, image_size, batch_size, training=False, cache="none")
     probabilities, labels = [], []
     for images, batch_labels in dataset:
@@ -253,7 +253,7 @@ def sample_predictions(model_dir: str, split: pipeline.Split, image_size: int, c
         if len(labels) == count:
             break
     images = np.stack(images)
-    serve = tf.saved_model.load(model_dir).signatures["serving_images"]
+    serve = tf.saved_model.load(export.resolve_model_dir(model_dir)).signatures["serving_images"]
     probabilities = serve(images=tf.constant(images, tf.float32))["probabilities"].numpy()
     return images, np.asarray(labels), probabilities
 
@@ -290,6 +290,7 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
       ValueError: the model's classes differ from the data's, or a split is
         missing.
     """
+    model_dir = export.resolve_model_dir(model_dir)
     info = pipeline.describe(data_dir, test_fraction, seed, split_fractions)
     model_classes = export.read_class_names(model_dir)
     if list(info.class_names) != model_classes:

@@ -13,24 +13,44 @@ Both return ``probabilities`` [batch, classes], ``class_index``, ``label``,
 saved with it (``image_size``), so tools that read images for it (evaluate,
 TFLite) need no flag for it.
 
-A new model is written to a temporary sibling folder, loaded back and run
-once, and only then moved into place; the previous model is removed last, so
-a failed export never replaces a good model.
+Layout: versioned, as TensorFlow Serving reads a model's base path::
+
+    model/            the deploy path (AIP_MODEL_DIR, <job_dir>/model)
+      1/              a complete SavedModel (+ class_names.json, backbone.h5)
+      2/              the next export's
+
+Why: on gs:// a folder cannot be replaced atomically (a rename is a copy
+and a delete per object), so a model is never rewritten in place. An export
+writes the whole model to a local staging folder, loads it back and runs it
+once, then copies it into the next numbered folder with ``saved_model.pb``
+last. A version folder holding ``saved_model.pb`` is therefore complete (every
+other file was written before it), and nothing writes into it afterwards.
+:func:`resolve_model_dir` gives the newest complete version: the folder to
+load, serve or upload to Vertex AI (whose Model upload wants a folder holding
+saved_model.pb). At every instant it is the previous model or the new one,
+whole. The export then retires versions older than the previous one
+(``saved_model.pb`` first, so a folder being deleted is no longer complete).
+A model of the old, unversioned layout (``model/saved_model.pb``) still
+resolves, and counts as version 0.
 """
 
 import json
 import os
+import sys
 import tempfile
-from typing import Sequence
+from typing import List, Sequence
 
 import tensorflow as tf
 import tf_keras as keras
+from absl import logging
 
 from trainer import model as model_lib
+from trainer import storage
 from trainer.data import pipeline
 
 CLASS_NAMES_FILE = "class_names.json"
 BACKBONE_WEIGHTS_FILE = "backbone.h5"
+SAVED_MODEL_FILE = "saved_model.pb"
 
 
 class _Serving(tf.Module):
@@ -74,42 +94,109 @@ class _Serving(tf.Module):
 
 def export_model(model: keras.Model, class_names: Sequence[str], image_size: int,
                  model_dir: str) -> str:
-    """Saves a serving SavedModel to ``model_dir`` without ever leaving a partial one there.
+    """Adds a serving SavedModel to ``model_dir`` as its next numbered version.
 
     Under MultiWorkerMirroredStrategy every worker must call this (the save
     runs collective ops); non-chief workers pass a scratch folder. Call it
     outside ``strategy.scope()``.
 
     Returns:
-      model_dir.
+      The new version's folder (what :func:`resolve_model_dir` now gives).
+
+    Raises:
+      ValueError: the new model gives non-finite probabilities; ``model_dir``
+        is then untouched.
     """
     model_dir = model_dir.rstrip("/")
     _finish_interrupted_swap(model_dir)
-    partial = f"{model_dir}.partial"
-    if tf.io.gfile.exists(partial):
-        tf.io.gfile.rmtree(partial)
+    with tempfile.TemporaryDirectory(prefix="export_") as staging:
+        staged = os.path.join(staging, "model")
+        stage_model(model, class_names, image_size, staged)
+        return publish(staged, model_dir)
+
+
+def stage_model(model: keras.Model, class_names: Sequence[str], image_size: int,
+                folder: str) -> str:
+    """Writes the serving SavedModel and its files to a local ``folder``, checked to load."""
     serving = _Serving(model, class_names, image_size)
-    tf.saved_model.save(serving, partial, signatures={
+    tf.saved_model.save(serving, folder, signatures={
         "serving_default": serving.serve_bytes,
         "serving_images": serving.serve_images,
     })
-    with tf.io.gfile.GFile(f"{partial}/{CLASS_NAMES_FILE}", "w") as f:
+    with tf.io.gfile.GFile(f"{folder}/{CLASS_NAMES_FILE}", "w") as f:
         json.dump(list(class_names), f)
-    save_backbone_weights(model, f"{partial}/{BACKBONE_WEIGHTS_FILE}")
-    _check_loads(partial, image_size)
-    _move_into_place(partial, model_dir)
-    return model_dir
+    save_backbone_weights(model, f"{folder}/{BACKBONE_WEIGHTS_FILE}")
+    _check_loads(folder, image_size)
+    return folder
+
+
+def publish(staged: str, model_dir: str) -> str:
+    """Copies a staged model into ``model_dir``'s next version folder, saved_model.pb last.
+
+    Then removes what no reader can be using any more: folders of
+    interrupted exports, and versions older than the previous one.
+
+    Returns:
+      The new version's folder.
+    """
+    model_dir = model_dir.rstrip("/")
+    number = max(_versions(model_dir), default=0) + 1
+    target = f"{model_dir}/{number}"
+    files = sorted(os.path.relpath(os.path.join(d, n), staged)
+                   for d, _, names in os.walk(staged) for n in names)
+    # saved_model.pb last: its presence is what makes the folder complete.
+    files.sort(key=lambda name: name == SAVED_MODEL_FILE)
+    with storage.explain_failures(
+            f"Exporting the model to {target}",
+            f"{model_dir} still resolves to the previous model, whole; the next export "
+            "writes a new version and removes this one."):
+        for name in files:
+            destination = f"{target}/{name}"
+            tf.io.gfile.makedirs(destination.rsplit("/", 1)[0])
+            tf.io.gfile.copy(os.path.join(staged, name), destination, overwrite=True)
+    logging.info("Exported model version %d: %s", number, target)
+    try:
+        _retire(model_dir, number)
+    except tf.errors.OpError as e:
+        if not storage.is_storage_failure(e):
+            raise
+        # Housekeeping only: the new version is complete and resolves.
+        logging.warning("Could not remove old versions under %s; the next export "
+                        "retries: %s", model_dir, e.message.splitlines()[0])
+    return target
+
+
+def resolve_model_dir(path: str) -> str:
+    """The complete SavedModel folder to load, serve or upload for ``path``.
+
+    ``path`` may be a deploy path of numbered versions (the newest complete
+    one is returned), a SavedModel folder itself (a version folder, or a
+    model of the old unversioned layout: returned as it is), local or gs://.
+
+    Raises:
+      FileNotFoundError: no complete SavedModel there, naming the path.
+    """
+    path = path.rstrip("/")
+    complete = [n for n in _versions(path) if _is_complete(f"{path}/{n}")]
+    if complete:
+        return f"{path}/{max(complete)}"
+    if _is_complete(path):
+        return path
+    raise FileNotFoundError(
+        f"No exported model at {path}: neither {path}/{SAVED_MODEL_FILE} nor a numbered "
+        f"version folder holding one ({path}/1/{SAVED_MODEL_FILE}, written by the trainer's "
+        "export). Pass a job's model folder, e.g. --model=job/model.")
 
 
 def read_class_names(model_dir: str) -> list:
-    """Class names of an exported model, in index order."""
-    with tf.io.gfile.GFile(f"{model_dir.rstrip('/')}/{CLASS_NAMES_FILE}") as f:
+    """Class names of an exported model (any path resolve_model_dir takes), in index order."""
+    with tf.io.gfile.GFile(f"{resolve_model_dir(model_dir)}/{CLASS_NAMES_FILE}") as f:
         return json.load(f)
 
 
 def read_image_size(model_dir: str) -> int:
     """Side of the square input of an exported model, pixels."""
-    return int(tf.saved_model.load(model_dir).image_size.numpy())
+    return int(tf.saved_model.load(resolve_model_dir(model_dir)).image_size.numpy())
 
 
 def save_backbone_weights(model: keras.Model, path: str) -> None:
@@ -129,23 +216,83 @@ def _check_loads(path: str, image_size: int) -> None:
 
 
 def _finish_interrupted_swap(target: str) -> None:
-    """Puts the previous model back if a kill fell between _move_into_place's renames.
+    """Puts back a model that an export of the old layout left at ``target.previous``.
 
-    Such a kill leaves no model at ``target``, the last good one at
-    ``target.previous`` and a new one at ``target.partial``; the export
-    about to run rewrites the new one.
+    Exports before the versioned layout swapped folders by two renames; a
+    kill between them left no model at ``target`` and the last good one at
+    ``target.previous`` (and maybe a ``target.partial``, removed here).
     """
-    previous = f"{target}.previous"
+    previous, partial = f"{target}.previous", f"{target}.partial"
     if not tf.io.gfile.exists(target) and tf.io.gfile.exists(previous):
         tf.io.gfile.rename(previous, target)
+    if tf.io.gfile.exists(partial):
+        tf.io.gfile.rmtree(partial)
 
 
-def _move_into_place(partial: str, target: str) -> None:
-    previous = f"{target}.previous"
-    if tf.io.gfile.exists(target):
-        if tf.io.gfile.exists(previous):
-            tf.io.gfile.rmtree(previous)
-        tf.io.gfile.rename(target, previous)
-    tf.io.gfile.rename(partial, target)
-    if tf.io.gfile.exists(previous):
-        tf.io.gfile.rmtree(previous)
+def _versions(model_dir: str) -> List[int]:
+    """Numbers of the version folders under ``model_dir``, complete or not."""
+    if not tf.io.gfile.isdir(model_dir):
+        return []
+    return [int(name.rstrip("/")) for name in tf.io.gfile.listdir(model_dir)
+            if name.rstrip("/").isdigit()]
+
+
+def _is_complete(folder: str) -> bool:
+    return tf.io.gfile.exists(f"{folder}/{SAVED_MODEL_FILE}")
+
+
+def _retire(model_dir: str, newest: int) -> None:
+    """Removes interrupted exports and versions older than the newest two complete ones.
+
+    The previous complete version stays: a reader that resolved the deploy
+    path just before ``newest`` was complete may still be loading it. A
+    model of the old layout at the top of ``model_dir`` counts as version 0.
+    """
+    complete = sorted(n for n in _versions(model_dir) if _is_complete(f"{model_dir}/{n}"))
+    if _is_complete(model_dir):
+        complete.insert(0, 0)
+    keep = set(complete[-2:]) | {newest}
+    for number in _versions(model_dir):
+        if number not in keep:
+            _remove_version(f"{model_dir}/{number}")
+    if 0 in complete and 0 not in keep:
+        _remove_unversioned(model_dir)
+
+
+def _remove_version(folder: str) -> None:
+    # saved_model.pb first: from then on no reader takes the folder for complete.
+    if _is_complete(folder):
+        tf.io.gfile.remove(f"{folder}/{SAVED_MODEL_FILE}")
+    tf.io.gfile.rmtree(folder)
+
+
+def _remove_unversioned(model_dir: str) -> None:
+    """Removes an old-layout model's files from the top of ``model_dir``, saved_model.pb first."""
+    tf.io.gfile.remove(f"{model_dir}/{SAVED_MODEL_FILE}")
+    for name in tf.io.gfile.listdir(model_dir):
+        name = name.rstrip("/")
+        if name.isdigit():
+            continue
+        path = f"{model_dir}/{name}"
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        else:
+            tf.io.gfile.remove(path)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m trainer.export PATH``: prints the complete model folder of PATH."""
+    if len(argv) != 2:
+        print("Usage: python -m trainer.export MODEL_DIR  (prints the folder to serve or "
+              "upload, e.g. job/model/3)", file=sys.stderr)
+        return 2
+    try:
+        print(resolve_model_dir(argv[1]))
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -180,6 +180,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "split (metrics.json 'exports'). Needs the 'onnx' extra.", **fv)
     _define_data_flags(fv)
     _define_safety_flags(fv)
+    _define_watchdog_flags(fv)
 
 
 def _define_safety_flags(fv: dict) -> None:
@@ -195,6 +196,23 @@ def _define_safety_flags(fv: dict) -> None:
         "image size, schedule, classes or data; see trainer/resume_guard.py), delete "
         "them and their finished-phase records and start afresh instead of refusing. "
         "Backups of this same run are still resumed.", **fv)
+
+
+def _define_watchdog_flags(fv: dict) -> None:
+    """Flags of the stuck-peer watchdog (trainer/watchdog.py)."""
+    flags.DEFINE_float(
+        "watchdog_seconds", 0.0,
+        "Seconds a training or validation step may take before the worker takes "
+        "the job for stuck (a frozen or hung peer), logs the suspect peers and "
+        "exits with 75, for the job to restart from its last backup. The first "
+        "step of a fit, an epoch's turn to validation and back, and a backup "
+        "may take 10 times as long. 0: adaptive, the larger of "
+        "--watchdog_floor_seconds and 10 x the slowest step so far. Negative: "
+        "no watchdog.", **fv)
+    flags.DEFINE_float(
+        "watchdog_floor_seconds", 300.0,
+        "With --watchdog_seconds=0: the least seconds a step may take before "
+        "the watchdog ends the worker (slow windows: 10 times this).", **fv)
 
 
 def _define_data_flags(fv: dict) -> None:

@@ -109,6 +109,7 @@ def export_onnx(model_dir: str, output_dir: str) -> str:
     model giving non-finite or misshapen probabilities raises instead of
     being written.
     """
+    model_dir = export.resolve_model_dir(model_dir)
     size = export.read_image_size(model_dir)
     num_classes = len(export.read_class_names(model_dir))
     with tempfile.TemporaryDirectory() as tmp:

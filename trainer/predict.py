@@ -28,6 +28,7 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
+from trainer import export
 from trainer.data import images
 from trainer.data import pipeline
 
@@ -72,7 +73,7 @@ def predict_files(model_dir: str, paths: Sequence[str], top_k: int = 1,
       max_pixels: an image whose header gives more pixels gets an error and
         is never decoded (a decompression bomb).
     """
-    serve = tf.saved_model.load(model_dir).signatures["serving_default"]
+    serve = tf.saved_model.load(export.resolve_model_dir(model_dir)).signatures["serving_default"]
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         contents = {path: _read(path, max_pixels) for path in chunk}

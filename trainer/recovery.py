@@ -23,7 +23,7 @@ So, in this module:
 * ``run_with_restarts`` runs the trainer. The worker that got SIGTERM exits
   with ``PREEMPTED_EXIT_CODE``. After a transient failure (``TRANSIENT_ERRORS``,
   or ``Preempted`` because a *peer* got SIGTERM), a worker with restarts left
-  waits until every peer accepts connections again (the platform brings the
+  waits until every peer answers again (the platform brings the
   lost one back) and restarts itself in place: it re-executes its own
   command line, so TensorFlow starts afresh and every phase restores from
   its backup, while the platform still sees the same running process.
@@ -35,7 +35,6 @@ So, in this module:
 import contextlib
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -46,6 +45,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import cluster
+from trainer import watchdog
 
 # The errors of a lost peer or of a storage or network hiccup: worth a
 # restart from the last backup. Anything else (a bug, a NaN loss, a missing
@@ -144,6 +144,7 @@ def run_with_restarts(run: Callable[[], T], max_restarts: int, restarts: int,
     except TRANSIENT_ERRORS as e:
         failure = e
     logging.warning("Transient failure: %s: %s", type(failure).__name__, _summary(failure))
+    _exit_if_a_peer_is_frozen(peers)
     if restarts >= max_restarts:
         _give_up(failure, f"no restart left (--max_restarts={max_restarts})", peers)
     if not wait_for_peers(peers, wait_seconds):
@@ -166,7 +167,7 @@ def _give_up(failure: BaseException, why: str, peers: Sequence[str]) -> None:
 
 
 def wait_for_peers(peers: Sequence[str], timeout: float, interval: float = 0.5) -> bool:
-    """Waits until every ``host:port`` accepts a TCP connection; False on timeout."""
+    """Waits until every ``host:port``'s gRPC server answers (watchdog.probe); False on timeout."""
     deadline = time.monotonic() + timeout
     waiting = list(peers)
     # A peer killed a moment ago may still hold its port while it dies.
@@ -182,12 +183,26 @@ def wait_for_peers(peers: Sequence[str], timeout: float, interval: float = 0.5) 
 
 
 def _accepts(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return True
-    except OSError:
-        return False
+    # Its gRPC server answering, not only its port accepting: a frozen process's
+    # kernel still completes TCP connections.
+    return watchdog.probe(address) == "answers"
+
+
+def _exit_if_a_peer_is_frozen(peers: Sequence[str]) -> None:
+    """Exits with watchdog.STUCK_EXIT_CODE when a peer accepts connections but is silent.
+
+    A frozen peer (SIGSTOP, a hung host) also stops its heartbeats, so
+    TensorFlow may abort the collectives before the watchdog trips. An
+    in-place restart would then wait for that peer to rejoin, which it never
+    does; the job needs the platform's restart, as after the watchdog.
+    """
+    frozen = [peer for peer in peers if watchdog.probe(peer) == "frozen"]
+    if frozen:
+        logging.error("Stuck: collectives aborted (a peer stopped sending heartbeats); "
+                      "suspect: %s. Exiting with %d; the restarted job resumes from the "
+                      "last backup.", ", ".join(f"{p} (frozen)" for p in frozen),
+                      watchdog.STUCK_EXIT_CODE)
+        exit_now(watchdog.STUCK_EXIT_CODE)
 
 
 @contextlib.contextmanager
@@ -225,6 +240,17 @@ def restart_in_place(restarts: int) -> None:
     logging.warning("Restarting in place: %s", " ".join(sys.orig_argv))
     _flush_logs()
     os.execve(sys.executable, sys.orig_argv, {**os.environ, cluster.RESTARTS_ENV: str(restarts)})
+
+
+def exit_now(code: int) -> None:
+    """Flushes the logs and ends the process with ``code`` at once, from any thread.
+
+    For a worker whose main thread is blocked inside TensorFlow (no exception
+    reaches it) or whose peers are lost (TensorFlow's own shutdown would wait
+    for them).
+    """
+    _flush_logs()
+    os._exit(code)
 
 
 def _flush_logs() -> None:

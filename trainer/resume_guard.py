@@ -62,9 +62,10 @@ FIELDS = ("backbone", "weights", "image_size", "fine_tune_at", "dropout", "recip
 # listing they produce ("data"), and batch_size through "global_batch".
 IGNORED = ("data_dir", "job_dir", "model_dir", "checkpoint_dir", "log_dir", "strategy", "tpu",
            "batch_size", "checkpoint_every_steps", "test_fraction", "cache", "shuffle_buffer",
-           "demo", "hypertune_metric", "export_tflite", "jit_compile", "max_restarts", "restart_wait_seconds",
+           "demo", "hypertune_metric", "export_tflite", "jit_compile", "max_restarts",
+           "restart_wait_seconds",
            "split_fractions", "strict", "flatten_nested", "max_image_pixels",
-           "discard_backups")
+           "discard_backups", "export_onnx", "watchdog_seconds", "watchdog_floor_seconds")
 
 
 class ResumeMismatch(config_lib.ConfigError):

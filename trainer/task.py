@@ -20,6 +20,7 @@ from trainer import demo
 from trainer import preflight
 from trainer import recovery
 from trainer import train
+from trainer import watchdog
 from trainer.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -44,6 +45,7 @@ def _main(argv):
                  strategy.num_replicas_in_sync, info.task_type, info.task_id)
     run = demo.run_demo if config.demo else train.train_and_evaluate
     recovery.install_sigterm_handler()
+    watchdog.install(config.watchdog_floor_seconds, config.watchdog_seconds, info.peers)
     try:
         metrics = recovery.run_with_restarts(
             lambda: run(config, strategy, info), config.max_restarts, info.restarts,
@@ -66,7 +68,8 @@ def _print_summary(config: config_lib.Config, metrics: dict) -> None:
                   if key in metrics[split]}
         if values:
             print(f"{name}: {json.dumps(values)}")
-    print(f"Model:       {config.model_dir}")
+    # The newest complete version: the folder to serve or upload (trainer/export.py).
+    print(f"Model:       {metrics.get('model', config.model_dir)}")
     print(f"Checkpoints: {config.checkpoint_dir}")
     print(f"Metrics:     {config.job_dir}/metrics.json")
     print(f"TensorBoard: tensorboard --logdir {config.log_dir}")

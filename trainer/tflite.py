@@ -79,7 +79,7 @@ def convert(model_dir: str, variant: str = FLOAT,
         raise ValueError(f"Unknown TFLite variant {variant!r}; use one of {VARIANTS}.")
     if variant in NEEDS_CALIBRATION and calibration_images is None:
         raise ValueError(f"TFLite {variant} needs calibration images from the train split.")
-    loaded = tf.saved_model.load(model_dir)
+    loaded = tf.saved_model.load(export.resolve_model_dir(model_dir))
     size = int(loaded.image_size.numpy())
     serve = loaded.signatures["serving_images"]
 
@@ -202,6 +202,7 @@ def export_tflite(model_dir: str, output_dir: str,
     Returns:
       variant -> path of its .tflite file.
     """
+    model_dir = export.resolve_model_dir(model_dir)
     class_names = export.read_class_names(model_dir)
     size = export.read_image_size(model_dir)
     calibration = None

@@ -37,6 +37,7 @@ from trainer import recipe
 from trainer import resume_guard
 from trainer import schedules
 from trainer import tflite
+from trainer import watchdog
 from trainer.data import image_sizes
 from trainer.data import pipeline
 from trainer.data import screen
@@ -142,45 +143,47 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
 
     # -------------------------------------------------------------- Export
     model_dir = cluster.worker_dir(config.model_dir, info)
-    export.export_model(model, data.class_names, config.image_size, model_dir)
+    served = export.export_model(model, data.class_names, config.image_size, model_dir)
     if not info.is_chief:
         tf.io.gfile.rmtree(model_dir)
         return {}
 
     # ------------------------------------------------------------ Evaluate
-    predictions = evaluate.predict_splits(config.model_dir, data, config.image_size)
+    predictions = evaluate.predict_splits(served, data, config.image_size)
     metrics = evaluate.split_metrics(predictions, data)
+    metrics["model"] = served  # The folder to serve or upload (trainer/export.py).
     metrics["history"] = history
     metrics["recipe"] = {"name": config.recipe, "phases": [
         dataclasses.asdict(p) for p in (one, two) if p], **chosen}
     evaluate.write_metrics(metrics, f"{config.job_dir}/metrics.json")
     chosen_rates = {f"chosen_{name}": p.learning_rate for name, p in
                     (("learning_rate", one), ("fine_tune_learning_rate", two)) if p}
-    evaluate.write_summaries(metrics, config.model_dir, data, config.image_size,
+    evaluate.write_summaries(metrics, served, data, config.image_size,
                              f"{config.log_dir}/evaluation",
                              {**evaluate.hparams_of(config), **chosen_rates},
                              step=len(history.get("loss", [])), predictions=predictions,
                              mistakes_png=f"{config.job_dir}/{evaluate.MISTAKES_FILE}")
     figures.save_learning_curves(history, f"{config.job_dir}/{figures.LEARNING_CURVES_FILE}")
-    _export_for_devices(config, data, metrics)
+    _export_for_devices(config, served, data, metrics)
     return metrics
 
 
-def _export_for_devices(config: config_lib.Config, data: pipeline.DatasetInfo,
-                        metrics: Dict) -> None:
-    """TFLite and ONNX exports, when asked, each measured by its runtime on the test
-    split (validation without one); metrics.json is rewritten with ``exports``."""
+def _export_for_devices(config: config_lib.Config, served: str,
+                        data: pipeline.DatasetInfo, metrics: Dict) -> None:
+    """TFLite and ONNX exports of the SavedModel in ``served``, when asked, each
+    measured by its runtime on the test split (validation without one);
+    metrics.json is rewritten with ``exports``."""
     if config.export_tflite:
-        tflite.export_tflite(config.model_dir, f"{config.job_dir}/tflite",
+        tflite.export_tflite(served, f"{config.job_dir}/tflite",
                              calibration_split=data.splits["train"])
     if config.export_onnx:
-        onnx_export.export_onnx(config.model_dir, f"{config.job_dir}/onnx")
+        onnx_export.export_onnx(served, f"{config.job_dir}/onnx")
     found = artifacts.find_artifacts(config.job_dir)
     if not (config.export_tflite or config.export_onnx) or not found:
         return
     split = next(data.splits[s] for s in ("test", "validation")
                  if s in data.splits and data.splits[s].count)
-    metrics["exports"] = artifacts.measure(config.model_dir, found, split, config.image_size)
+    metrics["exports"] = artifacts.measure(served, found, split, config.image_size)
     evaluate.write_metrics(metrics, f"{config.job_dir}/metrics.json")
 
 
@@ -309,7 +312,8 @@ class _Runner:
                                jit_compile=config.jit_compile)
         if trial:
             # EpochExtras: the chosen run's history has every key that phase 2's has.
-            callbacks = [callbacks_lib.EpochExtras(phase.number, self.global_batch),
+            callbacks = [watchdog.StepWatchdog(),
+                         callbacks_lib.EpochExtras(phase.number, self.global_batch),
                          callbacks_lib.StopOnSigterm(),
                          callbacks_lib.RestoreBest(phase.patience),
                          keras.callbacks.TensorBoard(
@@ -320,11 +324,14 @@ class _Runner:
         logging.info("Phase %d: epochs %d-%d, %s lr %g, %d trainable weights.",
                      phase.number, phase.first_epoch + 1, phase.last_epoch, phase.optimizer,
                      phase.learning_rate, len(self.model.trainable_weights))
-        return self.model.fit(
-            self.train_data, epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
-            steps_per_epoch=phase.steps_per_epoch, validation_data=self.validation_data,
-            validation_steps=self.validation_steps, callbacks=callbacks,
-            verbose=0 if trial else 2)
+        try:
+            return self.model.fit(
+                self.train_data, epochs=phase.last_epoch, initial_epoch=phase.first_epoch,
+                steps_per_epoch=phase.steps_per_epoch, validation_data=self.validation_data,
+                validation_steps=self.validation_steps, callbacks=callbacks,
+                verbose=0 if trial else 2)
+        finally:
+            watchdog.disarm()  # Also when fit raises: Keras then skips on_train_end.
 
     def _callbacks(self, phase: recipe.Phase) -> list:
         config, info = self.config, self.info
@@ -333,6 +340,7 @@ class _Runner:
             logging.info("Phase %d: resuming from %s.", phase.number, backup_dir)
         best = callbacks_lib.RestoreBest(phase.patience) if phase.restore_best else None
         callbacks = [
+            watchdog.StepWatchdog(),  # First: it arms before the backup is restored.
             callbacks_lib.EpochExtras(phase.number, self.global_batch),
             callbacks_lib.RaiseOnNaN(),
             *([best] if best else []),

@@ -46,6 +46,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
+from trainer import storage
 from trainer.data import images
 from trainer.data import records
 from trainer.data import shard_check
@@ -523,6 +524,14 @@ def prepare(input_dir: str, output_dir: str, options: Options = Options()) -> Re
     Raises:
       PrepareError: the input has no usable layout or an option is invalid.
     """
+    with storage.explain_failures(
+            f"Preparing {input_dir} into {output_dir}",
+            "The manifest is written only after every shard, so the folder is never "
+            "taken for data it does not hold; re-run the same command."):
+        return _prepare(input_dir, output_dir, options)
+
+
+def _prepare(input_dir: str, output_dir: str, options: Options) -> Result:
     options.validate()
     input_dir, output_dir = input_dir.rstrip("/"), output_dir.rstrip("/")
     _check_folders(input_dir, output_dir)
