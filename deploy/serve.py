@@ -244,6 +244,18 @@ def instance_lines(patterns: List[str]):
         yield json.dumps({"key": path, **prediction_json.image_instance(data)})
 
 
+def served_version(model_dir: str) -> str:
+    """The complete SavedModel under a job's model folder: the newest numbered
+    version of trainer/export.py's layout (or the folder itself if it is one).
+    It is what the prediction container must load, so the Model's artifactUri."""
+    from trainer import export  # TensorFlow is read only by commands that read a model.
+
+    try:
+        return export.resolve_model_dir(model_dir)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
+
+
 def _local(flag_values) -> str:
     if not flag_values.model_dir:
         raise app.UsageError("local needs --model_dir (the exported model).")
@@ -257,7 +269,7 @@ def _local(flag_values) -> str:
     import tensorflow as tf
 
     try:
-        response = prediction_json.predict(flag_values.model_dir, body)
+        response = prediction_json.predict(served_version(flag_values.model_dir), body)
     except prediction_json.RequestError as e:
         raise app.UsageError(f"The container would reject this request (HTTP 400): {e}")
     except tf.errors.InvalidArgumentError as e:
@@ -308,8 +320,11 @@ def _main(argv):
     if len(argv) != 3:
         raise app.UsageError(f"Give one spec: python -m deploy.serve {command} "
                              f"deploy/serving/SPEC.yaml ...")
+    options = options_from_flags()
+    if command == serving_specs.UPLOAD and options.model_dir:
+        options = dataclasses.replace(options, model_dir=served_version(options.model_dir))
     try:
-        requests = build_requests(command, argv[2], options_from_flags(), FLAGS.model_id)
+        requests = build_requests(command, argv[2], options, FLAGS.model_id)
     except serving_specs.SpecError as e:
         raise app.UsageError(str(e)) from None
     if FLAGS.dry_run:

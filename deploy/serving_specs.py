@@ -138,10 +138,9 @@ def _parse(spec: Mapping[str, Any], message_type, where: str):
 
 
 def model_artifact_uri(model_dir: str) -> str:
-    """The folder the prediction container loads: the exported SavedModel itself.
-
-    The one place that turns the trainer's model folder into the Model's
-    artifactUri (a versioned export layout would resolve its version here).
+    """The folder the prediction container loads: the exported SavedModel itself
+    (``deploy.serve upload`` has already resolved a job's ``model/`` folder to
+    its newest complete version, ``served_version``).
     """
     return model_dir.rstrip("/")
 

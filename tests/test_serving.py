@@ -454,3 +454,20 @@ def test_a_cpu_model_on_a_gpu_endpoint_is_refused_before_anything_is_created(ver
     with pytest.raises(serving_specs.SpecError, match="CPU-only, so the GPU would sit idle"):
         serve.send(requests, vertex.clients())
     assert [type(r).__name__ for r in vertex.received] == ["GetModelRequest"]
+
+
+# ------------------------------------------- Upload names the served version
+
+
+def test_upload_resolves_a_job_model_folder_to_its_newest_complete_version(tmp_path):
+    """A job's model/ holds numbered versions (trainer/export.py); the upload must
+    name the newest complete one, never the folder itself or a half-written one."""
+    model = tmp_path / "model"
+    for version, complete in ((1, True), (2, True), (3, False)):
+        (model / str(version) / "variables").mkdir(parents=True)
+        if complete:
+            (model / str(version) / "saved_model.pb").write_bytes(b"pb")
+    assert serve.served_version(str(model)) == f"{model}/2"
+    assert serve.served_version(f"{model}/1") == f"{model}/1"
+    with pytest.raises(serve.app.UsageError, match="No exported model at .*empty"):
+        serve.served_version(str(tmp_path / "empty"))
