@@ -89,6 +89,8 @@ class Config:
     feature_cache: bool = True
     fine_tune_cache: bool = True
     fine_tune_cache_max_gb: float = 4.0
+    cache_dir: str = ""  # Frozen work kept across jobs (trainer/cache_store.py).
+    cache_spill_dir: str = ""
     mixed_precision: str = "none"
     jit_compile: bool = False
     max_restarts: int = 3
@@ -221,6 +223,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
         ("early_stopping_patience", config.early_stopping_patience >= 0,
          "must be 0 or more (0: off)"),
         ("fine_tune_cache_max_gb", config.fine_tune_cache_max_gb >= 0, "must be 0 or more"),
+        ("cache_spill_dir", "://" not in config.cache_spill_dir,
+         "must be a local folder (a gs:// store goes in --cache_dir)"),
         ("max_restarts", config.max_restarts >= 0, "must be 0 or more"),
         ("restart_wait_seconds", config.restart_wait_seconds >= 0, "must be 0 or more"),
         ("job_dir", bool(config.job_dir), "must not be empty"),

@@ -27,8 +27,8 @@ from trainer import cluster
 from trainer import config as config_lib
 from trainer import evaluate
 from trainer import export
-from trainer import features
 from trainer import figures
+from trainer import frozen_work
 from trainer import model as model_lib
 from trainer import recipe
 from trainer import schedules
@@ -92,11 +92,12 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
 
     # -------------------------------------------------------------- Phases
     history: Dict[str, list] = {}
-    frozen = features.FrozenWork(
+    frozen = frozen_work.FrozenWork(
         model, [train_split, data.splits["validation"]], strategy, info, global_batch,
         config.seed, config.fine_tune_at,
         config.fine_tune_cache and config.fine_tune_epochs > 0, config.augment,
-        config.fine_tune_cache_max_gb * 1e9, class_weights)
+        config.fine_tune_cache_max_gb * 1e9, class_weights, config.cache_dir,
+        config.cache_spill_dir, config.backbone)
     run = functools.partial(_Runner, config=config, strategy=strategy, info=info,
                             num_classes=data.num_classes, global_batch=global_batch,
                             validation_steps=validation_steps)
