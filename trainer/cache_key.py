@@ -56,8 +56,8 @@ class CacheKey:
     fine_tune_at: Optional[int]
     dtype: str
     data: Mapping[str, str]
-    folding: int = folding.VERSION
-    tensorflow: str = f"{tf.__version__}/keras-{keras.__version__}"
+    folding: int
+    tensorflow: str
     format: int = FORMAT
 
     def fields(self) -> Dict:
@@ -85,7 +85,8 @@ def make_key(kind: str, view: str, backbone: str, weights_digest: str, image_siz
                     image_size=image_size,
                     fine_tune_at=fine_tune_at if kind == "frontier" else None,
                     dtype=keras.mixed_precision.global_policy().compute_dtype,
-                    data=dict(data))
+                    data=dict(data), folding=folding.VERSION,
+                    tensorflow=f"{tf.__version__}/keras-{keras.__version__}")
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -108,8 +109,7 @@ def listing_digest(split) -> str:
     """
     digest = hashlib.sha256(f"{split.name}|{split.count}|".encode())
     if split.is_records:
-        root = split.shards[0].rsplit("/", 1)[0]
-        with tf.io.gfile.GFile(f"{root}/manifest.json", "rb") as f:
+        with tf.io.gfile.GFile(split.manifest, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
         for shard in split.shards:
             digest.update(f"{shard.rsplit('/', 1)[-1]}|{tf.io.gfile.stat(shard).length}|"
