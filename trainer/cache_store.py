@@ -18,16 +18,19 @@ and its mirror image's frontier) get the same shards, so they can be read
 side by side in any shard order.
 
 Publishing: shards go under a folder named by a random writer token, then
-the manifest is written under a temporary name and renamed to its final
-name, refusing to replace one. The final manifest is what makes a part
-exist, and it names only shards that were complete (with their sizes,
-checked on every read). So a writer killed mid-write leaves shards nobody
+the manifest is created at its final name only if none is there, in one
+atomic step (``_create_once``: a Cloud Storage upload that must not find an
+object; on local disk a hard link of a complete temporary file). The final
+manifest is what makes a part exist, and it names only shards that were
+complete (with their sizes, checked on every read). So a writer killed mid-write leaves shards nobody
 reads; of two writers filling one key at once, the first rename wins and
 the other removes its own shards and reads the winner's. A killed writer's
 shards stay until the folder is cleared (they are never read).
 """
 
+import functools
 import json
+import os
 import posixpath
 import uuid
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -99,9 +102,9 @@ class Writer:
 
     def __init__(self, store: "Store", key: cache_key.CacheKey, part: str):
         self._store, self._key, self._part = store, key, part
-        self._token = uuid.uuid4().hex[:12]
+        self.token = uuid.uuid4().hex[:12]
         self._folder = posixpath.join(store.root, key.name)
-        self._shard_folder = posixpath.join(self._folder, part, self._token)
+        self._shard_folder = posixpath.join(self._folder, part, self.token)
         self._splits: Dict[str, Dict] = {}
         self._writers: Dict[str, tf.io.TFRecordWriter] = {}
         self._specs: Optional[List[Spec]] = None
@@ -133,7 +136,7 @@ class Writer:
     def _roll(self, split: str, info: Dict) -> None:
         self._close(split)
         name = f"{split}-{len(info['shards']):05d}.tfrecord"
-        info["shards"].append({"file": posixpath.join(self._part, self._token, name),
+        info["shards"].append({"file": posixpath.join(self._part, self.token, name),
                                "records": 0})
         self._writers[split] = tf.io.TFRecordWriter(posixpath.join(self._shard_folder, name))
 
@@ -154,26 +157,20 @@ class Writer:
             for shard in info["shards"]:
                 shard["bytes"] = tf.io.gfile.stat(posixpath.join(self._folder,
                                                                  shard["file"])).length
-        manifest = {"key": self._key.fields(), "writer": self._token, "part": self._part,
+        manifest = {"key": self._key.fields(), "writer": self.token, "part": self._part,
                     "outputs": [{"shape": list(s), "dtype": d} for s, d in self._specs or []],
                     "labels_dtype": self._labels_dtype,
                     "splits": {name: {"count": info["count"], "shards": info["shards"]}
                                for name, info in self._splits.items()}}
         final = posixpath.join(self._folder, f"{self._part}.json")
-        temporary = f"{final}.tmp-{self._token}"
-        with tf.io.gfile.GFile(temporary, "w") as f:
-            json.dump(manifest, f)
-        try:
-            tf.io.gfile.rename(temporary, final, overwrite=False)
-        except tf.errors.AlreadyExistsError:
-            tf.io.gfile.remove(temporary)
+        if not _create_once(final, json.dumps(manifest).encode(), self.token):
             self.abort()
             logging.info("Cache entry %s/%s: another writer published first; reading its.",
                          self._key.name, self._part)
             winner = self._store.lookup(self._key, self._part)
             if winner is None:
                 raise RuntimeError(f"Cache entry {final} was published by another writer "
-                                   "but cannot be read; remove it and run again.") from None
+                                   "but cannot be read; remove it and run again.")
             return winner
         return Entry(self._folder, manifest)
 
@@ -223,6 +220,45 @@ class Store:
 
     def writer(self, key: cache_key.CacheKey, part: str) -> Writer:
         return Writer(self, key, part)
+
+
+def _create_once(path: str, data: bytes, token: str) -> bool:
+    """Writes ``data`` to ``path`` unless a file is there; False if one was.
+
+    Atomic: of two writers, exactly one creates the file, and a reader sees
+    it whole or not at all. ``tf.io.gfile`` has no create-if-absent (its
+    rename checks, then renames), so this takes each storage's own: a
+    Cloud Storage upload with ``ifGenerationMatch=0`` (google-cloud-storage),
+    and on local disk a hard link of a complete temporary file, which
+    fails when the name exists.
+    """
+    if path.startswith("gs://"):
+        from google.api_core import exceptions
+
+        bucket, name = path[len("gs://"):].split("/", 1)
+        try:
+            _storage_client().bucket(bucket).blob(name).upload_from_string(
+                data, content_type="application/json", if_generation_match=0)
+        except exceptions.PreconditionFailed:
+            return False
+        return True
+    temporary = f"{path}.tmp-{token}"
+    with tf.io.gfile.GFile(temporary, "wb") as f:
+        f.write(data)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(temporary)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _storage_client():
+    from google.cloud import storage
+
+    return storage.Client()
 
 
 def _bytes(array: np.ndarray) -> tf.train.Feature:
