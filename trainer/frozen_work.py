@@ -99,6 +99,8 @@ class FrozenWork:
         self._memory: Dict[Tuple[str, str], MemorySink] = {}
         self._entries: Dict[Tuple[str, str], cache_store.Entry] = {}
         self._pending: Dict[Tuple[str, str], cache_store.Writer] = {}
+        # "<kind>/<view>" -> "computed" or "read": how this job got each output.
+        self.sources: Dict[str, str] = {}
         shares = [-(-s.count // self._context.num_input_pipelines) for s in self._splits]
         pooled = model.get_layer(model_lib.POOL_LAYER).output
         self._pooled = _Holding(_bytes_per_image([pooled]), sum(shares), max_bytes)
@@ -175,10 +177,12 @@ class FrozenWork:
             logging.info("Frozen work %s/%s: read from %s (same key), not computed.",
                          kind, view, entry.folder)
             self._entries[(kind, view)] = entry
+            self.sources[f"{kind}/{view}"] = "read"
         return entry is not None
 
     def _sinks(self, kind: str, view: str, holding: "_Holding") -> list:
         """Where a pass puts ``kind``/``view``: memory, files, or both."""
+        self.sources[f"{kind}/{view}"] = "computed"
         sinks = []
         if holding.in_memory:
             sinks.append(self._memory.setdefault((kind, view), MemorySink()))

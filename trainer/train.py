@@ -132,6 +132,7 @@ def train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strate
     # ------------------------------------------------------------ Evaluate
     metrics = evaluate.evaluate_splits(config.model_dir, data, config.image_size)
     metrics["history"] = history
+    metrics["frozen_work"] = frozen.sources  # Computed or read from --cache_dir.
     metrics["recipe"] = {"name": config.recipe, "phases": [
         dataclasses.asdict(p) for p in (one, two) if p], **chosen}
     evaluate.write_metrics(metrics, f"{config.job_dir}/metrics.json")
