@@ -73,6 +73,18 @@ def _recipe_fit(results):
     assert auto["learning_rates"][1] == pytest.approx(0.01 * auto["learning_rates"][0])
 
 
+def _cache_scale(results):
+    rows = {row["path"]: row for row in results["rounds"]}
+    assert set(rows) == {"memory", "spilled", "fallback"}
+    assert rows["memory"]["frontier_in_memory"] and not rows["spilled"]["frontier_in_memory"]
+
+
+def _cache_reuse(results):
+    first, second = results["rounds"]
+    assert set(first["frozen_work"].values()) == {"computed"}
+    assert second["frozen_work"]["pooled/original"] == "read"
+
+
 SMOKES = [
     Smoke("recipe", "out_dir", _recipe),
     Smoke("recipe_fit", "out_dir", _recipe_fit),
@@ -80,6 +92,8 @@ SMOKES = [
     Smoke("input_pipeline", "output_dir", _input_pipeline),
     Smoke("phase2_throughput", "out_dir", _phase2_throughput),
     Smoke("tutorial_recipe", "out_dir", _tutorial_recipe),
+    Smoke("cache_scale", "out_dir", _cache_scale),
+    Smoke("cache_reuse", "out_dir", _cache_reuse),
 ]
 
 
