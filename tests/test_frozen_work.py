@@ -6,10 +6,14 @@ later job) to the same features, batch for batch, and the same trained
 weights. demo_cnn at 32 px, weights=none.
 """
 
+import os
+
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
+from trainer import cache_store
 from trainer import cluster
 from trainer import frozen_work
 from trainer import model as model_lib
@@ -54,6 +58,37 @@ def test_spilled_and_cached_paths_give_the_in_memory_features_batch_for_batch(sh
     _, streamed = _phase_data(shapes_dir, 0, str(tmp_path / "cache"))
     for seen in (filled, read_back, streamed):
         _assert_same(in_memory, seen)
+
+
+# README's Speed section states these: MobileNetV2 at 160 px, fine_tune_at 100.
+SPACE_PER_IMAGE = {"float32": {"pooled": 5_120, "frontier": 268_800},
+                   "mixed_float16": {"pooled": 2_560, "frontier": 134_400}}
+
+
+@pytest.mark.parametrize("policy", sorted(SPACE_PER_IMAGE))
+def test_space_per_image_is_what_the_readme_states(policy):
+    splits = [pipeline.Split("train", 10), pipeline.Split("validation", 4)]
+    try:
+        tf.keras.mixed_precision.set_global_policy(policy)
+        model = model_lib.create_model("mobilenet_v2", 2, 160, 0.2, weights=None, seed=0)
+        work = frozen_work.FrozenWork(model, splits, tf.distribute.get_strategy(),
+                                      cluster.ClusterInfo(), 8, 0, 100, True, True, 1e9)
+        assert work.bytes_per_image == SPACE_PER_IMAGE[policy]
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def test_an_entry_on_disk_takes_its_bytes_per_image_and_little_more(shapes_dir, tmp_path):
+    work, _ = _phase_data(shapes_dir, 1e9, str(tmp_path / "cache"))
+    for kind in ("pooled", "frontier"):
+        entry = cache_store.Store(str(tmp_path / "cache")).lookup(
+            work.key(kind, "original"), cache_store.part_name(0, 1))
+        assert entry.bytes_per_image() == work.bytes_per_image[kind]
+        for split in ("train", "validation"):
+            stored = sum(os.path.getsize(p) for p in entry.paths(split))
+            records = sum(entry.shard_records(split))
+            payload = entry.count(split) * entry.bytes_per_image()
+            assert payload < stored <= payload + 100 * records + 4 * entry.count(split)
 
 
 def _weights(config):

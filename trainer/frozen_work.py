@@ -117,6 +117,14 @@ class FrozenWork:
                          f"shuffle buffer {self._frontier.shuffle_buffer}")
 
     @property
+    def bytes_per_image(self) -> Dict[str, int]:
+        """Bytes one image's cached outputs take, per kind (flipped views: as much again)."""
+        sizes = {POOLED: self._pooled.per_image}
+        if self.fine_tune:
+            sizes[FRONTIER] = self._frontier.per_image
+        return sizes
+
+    @property
     def frontier_in_memory(self) -> bool:
         """Whether phase 2's cache is held in memory (else spilled to files and streamed)."""
         return self.fine_tune and self._frontier.in_memory
@@ -274,6 +282,7 @@ class _Holding:
     """Whether a cache of ``count`` images fits ``max_bytes``, and the streamed shuffle."""
 
     def __init__(self, per_image: int, count: int, max_bytes: float, views: int = 1):
+        self.per_image = per_image
         self.in_memory = per_image * count <= max_bytes
         self.shuffle_buffer = max(_MIN_SHUFFLE, int(_SHUFFLE_SHARE * max_bytes
                                                     // (per_image * views)))
