@@ -10,9 +10,9 @@ the same share of the images that its input pipeline reads::
         worker-<i>-of-<n>.json                  the part's manifest, written last
         worker-<i>-of-<n>/<writer>/<split>-<k>.tfrecord
 
-A record holds one extraction batch: the labels and each output as raw
-bytes in the cached dtype (float32, or float16 under mixed precision), so
-reading back is a ``decode_raw`` and a reshape. Shards roll over every
+A record holds one extraction batch as raw bytes: each output in the
+cached dtype (float32, or float16 under mixed precision), then the labels,
+so reading back is one copy into a tensor, sliced and reinterpreted. Shards roll over every
 ``SHARD_BYTES``; two entries of the same shapes and batches (an image's
 and its mirror image's frontier) get the same shards, so they can be read
 side by side in any shard order.
@@ -70,17 +70,26 @@ class Entry:
         return [s["records"] for s in self.manifest["splits"][split]["shards"]]
 
     def parse(self, record: tf.Tensor):
-        """One record -> (tuple of outputs [batch, ...], labels [batch])."""
-        spec = {f"o{i}": tf.io.FixedLenFeature([], tf.string) for i in range(len(self.specs))}
-        spec["labels"] = tf.io.FixedLenFeature([], tf.string)
-        parsed = tf.io.parse_single_example(record, spec)
-        outputs = tuple(tf.reshape(tf.io.decode_raw(parsed[f"o{i}"], dtype), [-1, *shape])
-                        for i, (shape, dtype) in enumerate(self.specs))
-        return outputs, tf.io.decode_raw(parsed["labels"], self.labels_dtype)
+        """One record -> (tuple of outputs [batch, ...], labels [batch]).
+
+        One copy (the bytes into a uint8 tensor); each output is then a
+        slice of it, reinterpreted in its dtype without copying.
+        """
+        data = tf.io.decode_raw(record, tf.uint8)
+        sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self.specs]
+        label_size = np.dtype(self.labels_dtype).itemsize
+        batch = tf.size(data) // (sum(sizes) + label_size)
+        pieces, start = [], 0
+        for (shape, dtype), size in zip(self.specs, sizes):
+            pieces.append(_view(data[start * batch:(start + size) * batch], dtype, batch, shape))
+            start += size
+        labels = _view(data[start * batch:], self.labels_dtype, batch, ())
+        return tuple(pieces), labels
 
     def batches(self, path) -> tf.data.Dataset:
         """The records of one shard file, parsed: (outputs, labels) batches in order."""
-        return tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).map(self.parse)
+        return tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).map(
+            self.parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def arrays(self, split: str) -> Tuple[Tuple[tf.Tensor, ...], np.ndarray]:
         """A split's outputs joined into tensors, and its labels (for memory)."""
@@ -120,9 +129,8 @@ class Writer:
             self._specs, self._labels_dtype = specs, labels.dtype.name
         elif specs != self._specs:
             raise ValueError(f"Cache entry {self._key.name}: outputs {specs} after {self._specs}.")
-        feature = {f"o{i}": _bytes(o) for i, o in enumerate(outputs)}
-        feature["labels"] = _bytes(labels)
-        record = tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+        # Batch-major raw bytes: each output in turn, then the labels.
+        record = b"".join(np.ascontiguousarray(a).tobytes() for a in [*outputs, labels])
         info = self._splits.setdefault(split, {"count": 0, "shards": [], "per_shard": None})
         if info["per_shard"] is None:
             info["per_shard"] = max(1, SHARD_BYTES // len(record))
@@ -261,9 +269,14 @@ def _storage_client():
     return storage.Client()
 
 
-def _bytes(array: np.ndarray) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(
-        value=[np.ascontiguousarray(array).tobytes()]))
+def _view(data: tf.Tensor, dtype: str, batch: tf.Tensor, shape) -> tf.Tensor:
+    """uint8 bytes -> [batch, *shape] of ``dtype``, reinterpreted (no copy)."""
+    itemsize = np.dtype(dtype).itemsize
+    if itemsize > 1:
+        data = tf.bitcast(tf.reshape(data, [-1, itemsize]), tf.as_dtype(dtype))
+    else:
+        data = tf.bitcast(data, tf.as_dtype(dtype))
+    return tf.reshape(data, [batch, *shape])
 
 
 def _canonical(value) -> str:
