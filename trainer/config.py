@@ -254,6 +254,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
         _validate_weights(config.weights)
     if not config.demo:
         _validate_data_dir(config.data_dir)
+    if config.cache_dir:
+        _validate_cache_dir(config.cache_dir)
 
 
 def _validate_weights(weights: str) -> None:
@@ -265,6 +267,17 @@ def _validate_weights(weights: str) -> None:
         raise ConfigError(
             f"--weights={weights!r}: no such file; use 'imagenet', 'none' or "
             "the path of a Keras weights file.")
+
+
+def _validate_cache_dir(cache_dir: str) -> None:
+    """That --cache_dir can be created (before any frozen work is computed for it)."""
+    import tensorflow as tf
+
+    try:
+        tf.io.gfile.makedirs(cache_dir)
+    except tf.errors.OpError as e:
+        raise ConfigError(f"--cache_dir={cache_dir!r} cannot be created ({e.message}); "
+                          "give a writable local or gs:// folder, or leave it empty.") from None
 
 
 def _validate_data_dir(data_dir: str) -> None:
