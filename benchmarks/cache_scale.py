@@ -20,6 +20,10 @@ model (MobileNetV2, 160 px, batch 32, fine_tune_at 100, flip views):
 * ``fallback``: what a cache past the limit did before (phase 2 reads
   images, decoded and cached in memory, and runs the whole backbone).
 
+Then, at the largest size, phase 2's step rate over the in-memory and the
+spilled cache side by side: alternating rounds in one process, so the load
+of the shared machine hits both alike (``--side_by_side_rounds``).
+
 Measured: seconds per 1,000 images of the frozen pass (phase 1's, and the
 flipped views' before phase 2), of phase 1 (one epoch of the head) and of
 phase 2 (steady-state train steps), and peak RSS. Results go to
@@ -53,6 +57,9 @@ flags.DEFINE_list("sizes", ["500", "1000", "2000"], "Train set sizes, images.")
 flags.DEFINE_integer("validation", 200, "Validation images (both classes together).")
 flags.DEFINE_integer("image_size", 160, "Model input side, pixels.")
 flags.DEFINE_integer("phase2_steps", 20, "Phase-2 steps timed (after 5 warm-up steps).")
+flags.DEFINE_integer("side_by_side_rounds", 3,
+                     "At the largest size: alternating rounds of phase-2 steps over the "
+                     "in-memory and the spilled cache in one process; 0 skips them.")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where cache_scale.json and .md are written.")
 flags.DEFINE_bool("smoke", False, "Toy size in seconds; its figures mean nothing.")
@@ -151,6 +158,38 @@ def measure(spec: dict) -> dict:
     }
 
 
+def side_by_side(spec: dict) -> dict:
+    """Phase-2 step rates over the in-memory and the spilled cache, alternating rounds
+    in one process (the load of a shared machine hits both alike)."""
+    import tensorflow as tf
+
+    from trainer import cluster
+    from trainer import frozen_work
+    from trainer import model as model_lib
+    from trainer.data import pipeline
+
+    tf.keras.utils.set_random_seed(0)
+    data = pipeline.describe(spec["data_dir"])
+    splits = [data.splits["train"], data.splits["validation"]]
+    model = model_lib.create_model(spec["backbone"], 2, spec["image_size"], 0.2,
+                                   weights=spec["weights"], seed=0)
+    datasets = {}
+    for path, max_bytes in (("memory", 1e12), ("spilled", 0.0)):
+        work = frozen_work.FrozenWork(
+            model, splits, tf.distribute.get_strategy(), cluster.ClusterInfo(), spec["batch"],
+            0, spec["fine_tune_at"], True, True, max_bytes, spill_dir=spec["scratch"],
+            backbone=spec["backbone"])
+        rest, datasets[path], _ = work.phase_two()
+    model_lib.set_trainable_for_phase(model, 2, spec["fine_tune_at"])
+    rounds = []
+    for _ in range(spec["rounds"]):
+        rates = {path: _fit_rate(rest, datasets[path], spec["steps"], "rmsprop", 1e-5,
+                                 spec["batch"]) for path in ("memory", "spilled")}
+        rounds.append({**rates, "ratio": rates["spilled"] / rates["memory"]})
+    return {"path": "side_by_side", "train_images": splits[0].count, "rounds": rounds,
+            "median_ratio": float(np.median([r["ratio"] for r in rounds]))}
+
+
 def _run_worker(spec: dict) -> dict:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "-m", "benchmarks.cache_scale",
@@ -167,7 +206,9 @@ def _run_worker(spec: dict) -> dict:
 def main(argv):
     del argv
     if FLAGS.worker:
-        print(json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
+        spec = json.loads(FLAGS.worker)
+        run = side_by_side if spec["path"] == "side_by_side" else measure
+        print(json.dumps(run(spec)), flush=True)
         return
     command = "python -m benchmarks.cache_scale " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="cache_scale_") as folder:
@@ -198,10 +239,17 @@ def main(argv):
                             fine_tune_at=fine_tune_at)
                 rows.append(_run_worker(spec))
                 print(json.dumps(rows[-1]), flush=True)
+        if FLAGS.side_by_side_rounds:
+            spec = dict(spec, path="side_by_side",
+                        rounds=1 if FLAGS.smoke else FLAGS.side_by_side_rounds)
+            rows.append(_run_worker(spec))
+            print(json.dumps(rows[-1]), flush=True)
     _write(rows, command)
 
 
 def _write(rows, command):
+    paired = [r for r in rows if r["path"] == "side_by_side"]
+    rows = [r for r in rows if r["path"] != "side_by_side"]
     by_size = {}
     for row in rows:
         by_size.setdefault(row["train_images"], {})[row["path"]] = row
@@ -209,10 +257,12 @@ def _write(rows, command):
         str(n): paths["spilled"]["phase2_images_per_second"]
         / paths["memory"]["phase2_images_per_second"] for n, paths in by_size.items()},
         "peak_rss_mb": {str(n): {p: r["peak_rss_mb"] for p, r in paths.items()}
-                        for n, paths in by_size.items()}}
+                        for n, paths in by_size.items()},
+        "side_by_side": paired[0] if paired else None}
     lines = ["# Frozen work against data size: in memory, spilled, image fallback", "",
              "```", command, "```", "",
-             f"{os.cpu_count()} cores. Each row is a process of its own. Seconds per 1,000 "
+             f"{os.cpu_count()} cores (shared with other jobs: the load moves single "
+             "rows' rates). Each row is a process of its own. Seconds per 1,000 "
              "images: frozen pass = phase 1's pass (pooled + frontier, or pooled only for the "
              "fallback) plus the flipped views' pass, over train + validation images; phase 1 "
              "= head steps; phase 2 = steady-state train steps.", "",
@@ -225,8 +275,19 @@ def _write(rows, command):
             lines.append(f"| {n} | {path} | {r['frozen_pass_s_per_1000']:.1f} | "
                          f"{r['phase1_s_per_1000']:.2f} | {r['phase2_s_per_1000']:.1f} | "
                          f"{ratio:.2f}x | {r['peak_rss_mb']:.0f} |")
+    if paired:
+        p = paired[0]
+        lines += ["", f"Phase 2 side by side, {p['train_images']} train images, one process, "
+                  "alternating rounds:", "",
+                  "| round | in memory (img/s) | spilled (img/s) | spilled / memory |",
+                  "|---|---|---|---|"]
+        for i, r in enumerate(p["rounds"]):
+            lines.append(f"| {i + 1} | {r['memory']:.1f} | {r['spilled']:.1f} | "
+                         f"{r['ratio']:.2f} |")
+        lines += ["", f"Median: spilled at **{p['median_ratio']:.2f}x** the in-memory step "
+                  "rate (goal >= 0.9x)."]
     lines.append("")
-    report.write(FLAGS.out_dir, "cache_scale", command, rows, summary, lines)
+    report.write(FLAGS.out_dir, "cache_scale", command, rows + paired, summary, lines)
 
 
 if __name__ == "__main__":

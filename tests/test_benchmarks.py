@@ -75,7 +75,8 @@ def _recipe_fit(results):
 
 def _cache_scale(results):
     rows = {row["path"]: row for row in results["rounds"]}
-    assert set(rows) == {"memory", "spilled", "fallback"}
+    assert set(rows) == {"memory", "spilled", "fallback", "side_by_side"}
+    assert len(rows["side_by_side"]["rounds"]) == 1
     assert rows["memory"]["frontier_in_memory"] and not rows["spilled"]["frontier_in_memory"]
 
 
