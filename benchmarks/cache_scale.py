@@ -60,6 +60,7 @@ flags.DEFINE_integer("phase2_steps", 20, "Phase-2 steps timed (after 5 warm-up s
 flags.DEFINE_integer("side_by_side_rounds", 3,
                      "At the largest size: alternating rounds of phase-2 steps over the "
                      "in-memory and the spilled cache in one process; 0 skips them.")
+flags.DEFINE_string("name", "cache_scale", "Results file name (<name>.json, <name>.md).")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where cache_scale.json and .md are written.")
 flags.DEFINE_bool("smoke", False, "Toy size in seconds; its figures mean nothing.")
@@ -287,7 +288,7 @@ def _write(rows, command):
         lines += ["", f"Median: spilled at **{p['median_ratio']:.2f}x** the in-memory step "
                   "rate (goal >= 0.9x)."]
     lines.append("")
-    report.write(FLAGS.out_dir, "cache_scale", command, rows + paired, summary, lines)
+    report.write(FLAGS.out_dir, FLAGS.name, command, rows + paired, summary, lines)
 
 
 if __name__ == "__main__":
