@@ -34,7 +34,8 @@ BATCHES = 6
 def batch(index):
     """Batch ``index``: two outputs (float32 and float16) and int32 labels."""
     base = np.arange(4 * 3 * 3 * 2, dtype=np.float32).reshape(4, 3, 3, 2) + 1000 * index
-    return [base, (base[:, :1, :1, :1] / 7).astype(np.float16)], np.arange(4, dtype=np.int32) + index
+    labels = np.arange(4, dtype=np.int32) + index
+    return [base, (base[:, :1, :1, :1] / 7).astype(np.float16)], labels
 
 
 def expected():

@@ -22,10 +22,11 @@ the manifest is created at its final name only if none is there, in one
 atomic step (``_create_once``: a Cloud Storage upload that must not find an
 object; on local disk a hard link of a complete temporary file). The final
 manifest is what makes a part exist, and it names only shards that were
-complete (with their sizes, checked on every read). So a writer killed mid-write leaves shards nobody
-reads; of two writers filling one key at once, the first rename wins and
-the other removes its own shards and reads the winner's. A killed writer's
-shards stay until the folder is cleared (they are never read).
+complete (with their sizes, checked on every read). So a writer killed
+mid-write leaves shards nobody reads; of two writers filling one key at
+once, the first to create the manifest wins and the other removes its own
+shards and reads the winner's. A killed writer's shards stay until the
+folder is cleared (they are never read).
 """
 
 import functools
