@@ -85,6 +85,19 @@ def _exports(results):
     assert results["summary"]["int8_size_ratio_to_float32"] < 0.5
 
 
+def _cache_scale(results):
+    rows = {row["path"]: row for row in results["rounds"]}
+    assert set(rows) == {"memory", "spilled", "fallback", "side_by_side"}
+    assert len(rows["side_by_side"]["rounds"]) == 1
+    assert rows["memory"]["frontier_in_memory"] and not rows["spilled"]["frontier_in_memory"]
+
+
+def _cache_reuse(results):
+    first, second = results["rounds"]
+    assert set(first["frozen_work"].values()) == {"computed"}
+    assert second["frozen_work"]["pooled/original"] == "read"
+
+
 SMOKES = [
     Smoke("recipe", "out_dir", _recipe),
     Smoke("recipe_fit", "out_dir", _recipe_fit),
@@ -93,6 +106,8 @@ SMOKES = [
     Smoke("phase2_throughput", "out_dir", _phase2_throughput),
     Smoke("tutorial_recipe", "out_dir", _tutorial_recipe),
     Smoke("exports", "out_dir", _exports),
+    Smoke("cache_scale", "out_dir", _cache_scale),
+    Smoke("cache_reuse", "out_dir", _cache_reuse),
 ]
 
 

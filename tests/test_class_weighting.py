@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from trainer import cluster
 from trainer import evaluate
-from trainer import features
+from trainer import frozen_data
 from trainer import metrics as metrics_lib
 from trainer import task
 from trainer import train
@@ -58,7 +58,7 @@ def test_image_and_cached_datasets_carry_each_examples_weight(shapes_dir):
     cached = ((tf.random.uniform([12, 5]),), np.arange(12) % 3)
     strategy = tf.distribute.get_strategy()
     context = tf.distribute.InputContext()
-    for _, labels, sample_weights in features.distribute(
+    for _, labels, sample_weights in frozen_data.distribute(
             strategy, cached, 4, True, 0, context, class_weights=weights).take(3):
         np.testing.assert_allclose(sample_weights.numpy(), np.take(weights, labels.numpy()))
 

@@ -17,6 +17,7 @@ import learnable
 from conftest import tiny_config
 from trainer import cluster
 from trainer import features
+from trainer import frozen_work
 from trainer import model as model_lib
 from trainer import train
 from trainer.data import pipeline
@@ -146,7 +147,7 @@ def test_each_cached_feature_belongs_to_its_own_image_and_label(colour_dir, fine
     splits = [info.splits["train"], info.splits["validation"]]
     model = model_lib.create_model("demo_cnn", 3, 32, 0.2, weights=None, augment=False, seed=0)
     strategy = tf.distribute.get_strategy()
-    work = features.FrozenWork(model, splits, strategy, cluster.ClusterInfo(), 8, 0, 6,
+    work = frozen_work.FrozenWork(model, splits, strategy, cluster.ClusterInfo(), 8, 0, 6,
                                fine_tune_cache, True, 1e9)
     assert work.fine_tune == fine_tune_cache
     direct = {s.name: _direct_pooled(model, s, 32) for s in splits}

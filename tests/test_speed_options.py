@@ -9,6 +9,8 @@ from conftest import tiny_config
 from trainer import cluster
 from trainer import export
 from trainer import features
+from trainer import frozen_data
+from trainer import frozen_work
 from trainer import model as model_lib
 from trainer import train
 from trainer.data import pipeline
@@ -63,20 +65,21 @@ def test_frontier_bytes_count_what_is_cached_under_mixed_precision():
     assert counted["mixed_float16"] * 2 == counted["float32"]
 
 
-def test_fine_tune_cache_over_its_memory_limit_falls_back_to_images(shapes_dir):
+def test_fine_tune_cache_over_its_memory_limit_spills_instead_of_falling_back(shapes_dir):
     model = model_lib.create_model("mobilenet_v2", 3, 32, 0.2, weights=None, seed=0)
     splits = [pipeline.describe(shapes_dir).splits[name] for name in ("train", "validation")]
 
-    def frozen_work(max_bytes):
-        return features.FrozenWork(model, splits, tf.distribute.get_strategy(),
-                                   cluster.ClusterInfo(), 4, 0, 100, True, flip, max_bytes)
+    def frozen_work_(max_bytes):
+        return frozen_work.FrozenWork(model, splits, tf.distribute.get_strategy(),
+                                      cluster.ClusterInfo(), 4, 0, 100, True, flip, max_bytes)
 
     prefix = features.cut_at_frontier(model, 100).prefix
     for flip, count in [(False, splits[0].count + splits[1].count),
                         (True, 2 * splits[0].count + splits[1].count)]:
         needed = features.frontier_bytes(prefix, count)
-        assert frozen_work(needed).fine_tune
-        assert not frozen_work(needed - 1).fine_tune
+        assert frozen_work_(needed).frontier_in_memory
+        spilled = frozen_work_(needed - 1)
+        assert spilled.fine_tune and not spilled.frontier_in_memory  # No cliff.
 
 
 def test_cached_frontier_gives_the_pooled_features_of_images(shapes_dir):
@@ -100,7 +103,7 @@ def test_flipped_view_is_taken_half_the_time(shapes_dir):
     flipped = (np.ones([64, 2], np.float32),)
     labels = np.zeros([64], np.int32)
     strategy = tf.distribute.get_strategy()
-    dataset = features.distribute(strategy, (arrays, labels), 64, True, 0,
+    dataset = frozen_data.distribute(strategy, (arrays, labels), 64, True, 0,
                                   tf.distribute.InputContext(1, 0, 1), flipped)
     batches = iter(dataset)
     taken = np.concatenate([next(batches)[0].numpy()[:, 0] for _ in range(20)])

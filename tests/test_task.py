@@ -51,6 +51,8 @@ def _parse(argv, environ=None):
     (["--test_fraction=1.5"], "test_fraction"),
     (["--tpu=node-1", "--strategy=mirrored"], "tpu"),
     (["--data_dir=/no/such/folder"], "data_dir"),
+    (["--cache_spill_dir=gs://bucket/spill"], "cache_spill_dir"),
+    (["--cache_dir=/proc/no_cache_here"], "cache_dir"),
 ])
 def test_invalid_flags_name_the_flag(argv, flag, binary_dir):
     if not any(a.startswith("--data_dir") for a in argv):

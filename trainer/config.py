@@ -90,6 +90,8 @@ class Config:
     feature_cache: bool = True
     fine_tune_cache: bool = True
     fine_tune_cache_max_gb: float = 4.0
+    cache_dir: str = ""  # Frozen work kept across jobs (trainer/cache_store.py).
+    cache_spill_dir: str = ""
     mixed_precision: str = "none"
     jit_compile: bool = False
     max_restarts: int = 3
@@ -228,6 +230,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
         ("early_stopping_patience", config.early_stopping_patience >= 0,
          "must be 0 or more (0: off)"),
         ("fine_tune_cache_max_gb", config.fine_tune_cache_max_gb >= 0, "must be 0 or more"),
+        ("cache_spill_dir", "://" not in config.cache_spill_dir,
+         "must be a local folder (a gs:// store goes in --cache_dir)"),
         ("max_restarts", config.max_restarts >= 0, "must be 0 or more"),
         ("restart_wait_seconds", config.restart_wait_seconds >= 0, "must be 0 or more"),
         ("watchdog_floor_seconds", config.watchdog_floor_seconds > 0, "must be positive"),
@@ -261,6 +265,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
         _validate_weights(config.weights)
     if not config.demo:
         _validate_data_dir(config.data_dir)
+    if config.cache_dir:
+        _validate_cache_dir(config.cache_dir)
 
 
 def _validate_onnx_installed() -> None:
@@ -279,6 +285,17 @@ def _validate_weights(weights: str) -> None:
         raise ConfigError(
             f"--weights={weights!r}: no such file; use 'imagenet', 'none' or "
             "the path of a Keras weights file.")
+
+
+def _validate_cache_dir(cache_dir: str) -> None:
+    """That --cache_dir can be created (before any frozen work is computed for it)."""
+    import tensorflow as tf
+
+    try:
+        tf.io.gfile.makedirs(cache_dir)
+    except tf.errors.OpError as e:
+        raise ConfigError(f"--cache_dir={cache_dir!r} cannot be created ({e.message}); "
+                          "give a writable local or gs:// folder, or leave it empty.") from None
 
 
 def _validate_data_dir(data_dir: str) -> None:

@@ -142,10 +142,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "them (with --augment, of the image or its mirror image: random flips, "
         "no rotation); false runs the whole backbone every phase-2 step on "
         "augmented images.", **fv)
-    flags.DEFINE_float(
-        "fine_tune_cache_max_gb", 4.0,
-        "Largest --fine_tune_cache per worker, in GB of memory; a larger one "
-        "falls back to images (logged).", **fv)
+    _define_cache_flags(fv)
     flags.DEFINE_enum(
         "mixed_precision", "none", MIXED_PRECISION_POLICIES,
         "Keras mixed-precision policy: mixed_float16 for GPUs, mixed_bfloat16 "
@@ -213,6 +210,27 @@ def _define_watchdog_flags(fv: dict) -> None:
         "watchdog_floor_seconds", 300.0,
         "With --watchdog_seconds=0: the least seconds a step may take before "
         "the watchdog ends the worker (slow windows: 10 times this).", **fv)
+
+
+def _define_cache_flags(fv: dict) -> None:
+    """Flags of where the frozen work lives (trainer/frozen_work.py, cache_store.py)."""
+    flags.DEFINE_float(
+        "fine_tune_cache_max_gb", 4.0,
+        "Memory per worker for each phase's cache of frozen work, in GB; a larger "
+        "cache is written to files as it is computed (--cache_dir, else "
+        "--cache_spill_dir) and streamed from them every epoch (logged).", **fv)
+    flags.DEFINE_string(
+        "cache_dir", "",
+        "Folder (local or gs://) of content-addressed caches of the frozen work "
+        "(pooled features, phase-2 activations) that outlasts the job: a job with "
+        "the same backbone, weights, image size, --fine_tune_at (phase 2 only), "
+        "images and TensorFlow version reads them instead of computing them; "
+        "tuning trials and reruns share it. Empty: nothing is kept.", **fv)
+    flags.DEFINE_string(
+        "cache_spill_dir", "",
+        "Local folder under which a cache past --fine_tune_cache_max_gb is "
+        "spilled when there is no --cache_dir (removed when the job ends). "
+        "Empty: the system's temporary folder.", **fv)
 
 
 def _define_data_flags(fv: dict) -> None:

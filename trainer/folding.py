@@ -22,6 +22,9 @@ import numpy as np
 import tf_keras as keras
 
 _CONVOLUTIONS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+# Part of every cached frozen output's key (trainer/cache_key.py): bump when
+# the folding changes what the folded copy computes.
+VERSION = 1
 
 
 def foldable_pairs(model: keras.Model) -> Dict[str, str]:

@@ -56,7 +56,7 @@ FIELDS = ("backbone", "weights", "image_size", "fine_tune_at", "dropout", "recip
           "learning_rate", "fine_tune_learning_rate", "head_learning_rates",
           "early_stopping_patience", "lr_schedule", "warmup_epochs", "label_smoothing",
           "augment", "class_weighting", "mixed_precision", "feature_cache", "fine_tune_cache",
-          "fine_tune_cache_max_gb", "seed")
+          "seed")
 # Config fields that do not: where things go, how fast, how often, how verbose. The data
 # options (split_fractions, test_fraction, strict, flatten_nested) count through the
 # listing they produce ("data"), and batch_size through "global_batch".
@@ -65,7 +65,10 @@ IGNORED = ("data_dir", "job_dir", "model_dir", "checkpoint_dir", "log_dir", "str
            "demo", "hypertune_metric", "export_tflite", "jit_compile", "max_restarts",
            "restart_wait_seconds",
            "split_fractions", "strict", "flatten_nested", "max_image_pixels",
-           "discard_backups", "export_onnx", "watchdog_seconds", "watchdog_floor_seconds")
+           "discard_backups", "export_onnx", "watchdog_seconds", "watchdog_floor_seconds",
+           # Where the frozen work lives; past the memory limit it spills, the same
+           # features either way (trainer/frozen_work.py).
+           "fine_tune_cache_max_gb", "cache_dir", "cache_spill_dir")
 
 
 class ResumeMismatch(config_lib.ConfigError):

@@ -28,8 +28,8 @@ from trainer import cluster
 from trainer import config as config_lib
 from trainer import evaluate
 from trainer import export
-from trainer import features
 from trainer import figures
+from trainer import frozen_work
 from trainer import model as model_lib
 from trainer import onnx_export
 from trainer import preflight
@@ -112,11 +112,12 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
 
     # -------------------------------------------------------------- Phases
     history: Dict[str, list] = {}
-    frozen = features.FrozenWork(
+    frozen = frozen_work.FrozenWork(
         model, [train_split, data.splits["validation"]], strategy, info, global_batch,
         config.seed, config.fine_tune_at,
         config.fine_tune_cache and config.fine_tune_epochs > 0, config.augment,
-        config.fine_tune_cache_max_gb * 1e9, class_weights)
+        config.fine_tune_cache_max_gb * 1e9, class_weights, config.cache_dir,
+        config.cache_spill_dir, config.backbone)
     run = functools.partial(_Runner, config=config, strategy=strategy, info=info,
                             num_classes=data.num_classes, global_batch=global_batch,
                             validation_steps=validation_steps)
@@ -153,6 +154,7 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
     metrics = evaluate.split_metrics(predictions, data)
     metrics["model"] = served  # The folder to serve or upload (trainer/export.py).
     metrics["history"] = history
+    metrics["frozen_work"] = frozen.sources  # Computed or read from --cache_dir.
     metrics["recipe"] = {"name": config.recipe, "phases": [
         dataclasses.asdict(p) for p in (one, two) if p], **chosen}
     evaluate.write_metrics(metrics, f"{config.job_dir}/metrics.json")

@@ -56,6 +56,7 @@ class Split:
     paths: Tuple[str, ...] = ()
     labels: Tuple[int, ...] = ()
     shards: Tuple[str, ...] = ()
+    manifest: str = ""  # Prepared records: the manifest.json they were listed from.
 
     @property
     def is_records(self) -> bool:
@@ -157,7 +158,8 @@ def _describe_records(root: str) -> DatasetInfo:
     shard_check.check_shards(root, manifest)  # Missing or truncated: an error now, by name.
     splits = {
         name: Split(name, info["count"],
-                    shards=tuple(f"{root}/{shard}" for shard in info["shards"]))
+                    shards=tuple(f"{root}/{shard}" for shard in info["shards"]),
+                    manifest=f"{root}/{records.MANIFEST}")
         for name, info in manifest["splits"].items() if info["count"]}
     return DatasetInfo(tuple(manifest["class_names"]), splits)
 
