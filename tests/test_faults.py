@@ -333,10 +333,12 @@ def test_kill_mid_epoch_inside_a_checkpoint_write_resumes_from_the_previous_back
         backup_dir = job_dir / "checkpoints" / "phase1" / "chief"
         args = _args(binary_dir, job_dir, 1, feature_cache="false", checkpoint_every_steps=1)
         killed = _kill_inside_a_backup_write(args, backup_dir, log)
-        if killed:
+        # On a loaded machine the kill can land in epoch 2's last (epoch-end)
+        # write instead: not the mid-epoch case, so that job is retried too.
+        if killed and STEPS < _iterations(job_dir, 1) < 2 * STEPS - 1:
             break
     else:
-        pytest.fail("In 5 jobs, no kill landed inside a checkpoint write.")
+        pytest.fail("In 5 jobs, no kill landed inside a mid-epoch checkpoint write.")
 
     logged = [s for s, _ in _backups(killed.chief, 1)]
     in_force = _iterations(job_dir, 1)

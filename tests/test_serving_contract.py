@@ -54,7 +54,7 @@ def _wire(body):
 def loaded(learned_job):
     """The learned job's SavedModel, loaded once."""
     config, _ = learned_job
-    return tf.saved_model.load(config.model_dir)
+    return tf.saved_model.load(export.resolve_model_dir(config.model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def served(learned_job, loaded):
     config, _ = learned_job
     images = _test_images(config)
     body = _wire({"instances": [prediction_json.image_instance(_read(p)) for p, _ in images]})
-    return config.model_dir, images, prediction_json.predict(loaded, body)
+    # The served version (trainer/export.py), the folder a Model's artifactUri names.
+    return export.resolve_model_dir(config.model_dir), images, prediction_json.predict(loaded, body)
 
 
 # ---------------------------------------------------------------- Requests
@@ -247,7 +248,7 @@ def _saved_model_cli_signature(model_dir):
 
 
 def test_saved_model_cli_shows_the_documented_signature(learned_job):
-    model_dir = learned_job[0].model_dir
+    model_dir = export.resolve_model_dir(learned_job[0].model_dir)
     classes = len(export.read_class_names(model_dir))
 
     rows, method = _saved_model_cli_signature(model_dir)
