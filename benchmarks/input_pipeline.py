@@ -197,11 +197,11 @@ def _files_below(root: str):
 
 
 def upload_to_emulator(split: pipeline.Split, data_dir: str, work_dir: str) -> pipeline.Split:
-    """Copies the train records and JPEGs into the emulator; returns the gs:// split."""
+    """Copies the records (every split's: the manifest's shards are checked before
+    reading) and the train JPEGs into the emulator; returns the gs:// train split."""
     records_root = f"{work_dir}/records"
     logging.info("Uploading records and JPEGs to the emulator.")
-    _upload(records_root, "records",
-            [records.MANIFEST] + [os.path.relpath(s, records_root) for s in split.shards])
+    _upload(records_root, "records", list(_files_below(records_root)))
     _upload(data_dir, "images", [f"train/{p}" for p in _files_below(f"{data_dir}/train")])
     return pipeline.describe(f"gs://{_BUCKET}/records").splits["train"]
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 from conftest import tiny_config
 from trainer import cache_store
 from trainer import cluster
+from trainer import export
 from trainer import frozen_work
 from trainer import model as model_lib
 from trainer import train
@@ -93,7 +94,8 @@ def test_an_entry_on_disk_takes_its_bytes_per_image_and_little_more(shapes_dir, 
 
 def _weights(config):
     """Every variable of the exported SavedModel, by checkpoint key."""
-    reader = tf.train.load_checkpoint(f"{config.model_dir}/variables/variables")
+    reader = tf.train.load_checkpoint(
+        f"{export.resolve_model_dir(config.model_dir)}/variables/variables")
     names = sorted(n for n in reader.get_variable_to_shape_map() if "OPTIMIZER" not in n)
     assert len(names) > 10
     return [(n, reader.get_tensor(n)) for n in names]

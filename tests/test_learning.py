@@ -76,14 +76,21 @@ def test_two_workers_learn(colour_dir, tmp_path):
 
 
 def _permute_cached_labels(monkeypatch):
-    """Every split's cached features get their labels in a random order."""
-    extract_pieces = features.extract_pieces
+    """Every batch the frozen pass caches gets its labels in a random order."""
+    run_pass = frozen_work.run_pass
+    rng = np.random.default_rng(0)
 
-    def mispaired(*args, **kwargs):
-        rng = np.random.default_rng(0)
-        return [(parts, rng.permutation(labels))
-                for parts, labels in extract_pieces(*args, **kwargs)]
-    monkeypatch.setattr(features, "extract_pieces", mispaired)
+    class Mispairing:
+        def __init__(self, sink):
+            self.sink = sink
+
+        def add(self, name, outputs, labels):
+            self.sink.add(name, outputs, rng.permutation(labels))
+
+    def mispaired(forward, splits, image_size, context, routes):
+        routes = [(first, stop, [Mispairing(s) for s in sinks]) for first, stop, sinks in routes]
+        return run_pass(forward, splits, image_size, context, routes)
+    monkeypatch.setattr(frozen_work, "run_pass", mispaired)
 
 
 def _permute_train_image_labels(monkeypatch):
