@@ -124,14 +124,7 @@ def load_spec(path: str) -> Dict[str, Any]:
 
 
 def _parse(spec: Mapping[str, Any], message_type, where: str):
-    from google.protobuf import json_format
-
-    pb = message_type.pb()()
-    try:
-        json_format.ParseDict(dict(spec), pb, ignore_unknown_fields=False)
-    except json_format.ParseError as e:
-        raise ServingSpecError(f"{where}: not a valid {message_type.__name__}: {e}") from None
-    return message_type.wrap(pb)
+    return validate.parse_message(spec, message_type, where, error=ServingSpecError)
 
 
 # ------------------------------------------------------- Resource names

@@ -100,14 +100,20 @@ def validate_spec(spec: Mapping[str, Any], where: str = "spec") -> str:
 
 def parse(spec: Mapping[str, Any], kind: str, where: str = "spec"):
     """The spec as an aiplatform_v1 message; unknown fields and bad enums raise."""
+    return parse_message(spec, _message_type(kind), where)
+
+
+def parse_message(spec: Mapping[str, Any], message_type, where: str = "spec",
+                  error=SpecError):
+    """``spec`` as a ``message_type`` (an aiplatform_v1 type); unknown fields and bad
+    enums raise ``error``."""
     from google.protobuf import json_format
 
-    message_type = _message_type(kind)
     pb = message_type.pb()()
     try:
         json_format.ParseDict(dict(spec), pb, ignore_unknown_fields=False)
     except json_format.ParseError as e:
-        raise SpecError(f"{where}: not a valid {message_type.__name__}: {e}") from None
+        raise error(f"{where}: not a valid {message_type.__name__}: {e}") from None
     return message_type.wrap(pb)
 
 
