@@ -78,7 +78,9 @@ def _read_ahead(pool, sources: Sequence[Source]) -> Iterator[Tuple[Source, objec
 
 def _outcome(source: Source, status: str, reason: str = "", sha256: str = "",
              height: int = 0, width: int = 0, size: int = 0) -> Dict:
+    names = [source.class_name] if len(source.label_set) < 2 else None
     return {"path": source.path, "split": source.split, "class": source.class_name,
+            "labels": names or list(source.label_set),
             "status": status, "reason": reason, "sha256": sha256,
             "height": height, "width": width, "bytes": size}
 
@@ -95,7 +97,7 @@ def _example(source: Source, data, options: Options):
         return None, _outcome(source, images.SKIPPED, checked.reason, sha256)
     example = records.make_example(
         checked.encoded, records.JPEG, source.label, source.class_name, checked.height,
-        checked.width, source.relative, sha256)
+        checked.width, source.relative, sha256, source.label_set)
     return example, _outcome(source, checked.status, checked.reason, sha256, checked.height,
                              checked.width, len(checked.encoded))
 
@@ -168,7 +170,8 @@ def build_report(input_dir: str, output_dir: str, listing: Listing,
                 for o in outcomes if o["status"] == status]
 
     written = collections.Counter(
-        (o["split"], o["class"]) for o in outcomes if o["status"] != images.SKIPPED)
+        (o["split"], name) for o in outcomes if o["status"] != images.SKIPPED
+        for name in _class_names(o, listing))
     empty = {split: [c for c in listing.class_names if not written[(split, c)]]
              for split in splits}
     empty = {split: names for split, names in empty.items() if names}
@@ -215,11 +218,13 @@ def build_manifest(input_dir: str, listing: Listing, shards: Sequence[Shard],
         if shard_sizes:
             entry["shard_sizes"][shard.path] = shard_sizes[shard.path]
         for o in kept:
-            entry["classes"][o["class"]] += 1
+            for name in _class_names(o, listing):
+                entry["classes"][name] += 1
     kept = [o for outcomes in outcomes_by_shard for o in outcomes
             if o["status"] != images.SKIPPED]
     return {
         "class_names": list(listing.class_names),
+        "multi_label": any(len(s.label_set) > 1 for s in listing.sources),
         "splits": splits,
         "image_stats": {"height": _stats([o["height"] for o in kept]),
                         "width": _stats([o["width"] for o in kept]),
@@ -230,6 +235,12 @@ def build_manifest(input_dir: str, listing: Listing, shards: Sequence[Shard],
                     if k not in ("workers", "overwrite", "progress")},
         "report": records.REPORT,
     }
+
+
+def _class_names(outcome: Dict, listing: Listing) -> List[str]:
+    """Every class of an outcome's image (a multi-label image's ``labels`` are indices)."""
+    labels = outcome["labels"]
+    return [listing.class_names[k] if isinstance(k, int) else k for k in labels]
 
 
 def log_summary(report: Dict, report_path: str, limit: int = 10) -> None:

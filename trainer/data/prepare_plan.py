@@ -89,6 +89,7 @@ class Source:
     split: str
     label: int
     class_name: str
+    label_set: Tuple[int, ...] = ()  # every label's index (several: a multi-label image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,8 @@ def list_input(input_dir: str, options: "Options" = None) -> Listing:
         raise PrepareError(f"input_dir: {e}") from None
     return Listing(
         listed.layout, listed.class_names,
-        tuple(Source(i.path, i.relative, i.split, listed.label(i), i.class_name)
+        tuple(Source(i.path, i.relative, i.split, listed.label(i), i.class_name,
+                     listed.label_set(i))
               for i in listed.images),
         listed.stray, listed.bad_rows)
 
@@ -211,8 +213,12 @@ def fingerprint(listing: Listing, shards: Sequence[Shard], options: Options) -> 
     if options.max_image_pixels != images.DEFAULT_MAX_PIXELS:  # Older plans stay up to date.
         settings["max_image_pixels"] = options.max_image_pixels
     digest.update(json.dumps(settings, sort_keys=True).encode())
+    multi_label = any(len(s.label_set) > 1 for s in listing.sources)
     for shard in shards:
         digest.update(f"\n{shard.path}:".encode())
         digest.update("|".join(s.relative for s in shard.sources).encode())
+        if multi_label:  # Single-label plans keep their fingerprints.
+            digest.update("|".join(",".join(map(str, s.label_set)) for s in shard.sources)
+                          .encode())
     return digest.hexdigest()
 
