@@ -15,7 +15,8 @@ names every input of that computation, so that one key means one output:
   precision), ``folding`` (the BatchNorm folding of trainer/folding.py);
 * ``data``: per split, the SHA-256 of the exact listing -- each image's
   content hash and label, in order -- or of a prepared manifest and its
-  shards' sizes;
+  shards' sizes; a multi-label task's listing hashes each image's label set
+  and the labels' form (k-hot over k classes), since entries store labels;
 * ``tensorflow``: the TensorFlow and Keras versions; ``format``: this
   store's record layout and the pipeline's decode/resize, bumped when
   either changes.
@@ -108,6 +109,8 @@ def listing_digest(split) -> str:
     and each shard's name and size.
     """
     digest = hashlib.sha256(f"{split.name}|{split.count}|".encode())
+    if split.multi_hot:  # The stored labels' form; single-label keys stay as they were.
+        digest.update(f"k_hot:{split.multi_hot}|".encode())
     if split.is_records:
         with tf.io.gfile.GFile(split.manifest, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
@@ -117,7 +120,8 @@ def listing_digest(split) -> str:
         return digest.hexdigest()
     with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
         hashes = pool.map(_file_digest, split.paths)
-        for content, label in zip(hashes, split.labels):
+        labels = (split.label_sets or split.labels) if split.multi_hot else split.labels
+        for content, label in zip(hashes, labels):
             digest.update(content + f"|{label}|".encode())
     return digest.hexdigest()
 

@@ -11,7 +11,9 @@ the same share of the images that its input pipeline reads::
         worker-<i>-of-<n>/<writer>/<split>-<k>.tfrecord
 
 A record holds one extraction batch as raw bytes: each output in the
-cached dtype (float32, or float16 under mixed precision), then the labels,
+cached dtype (float32, or float16 under mixed precision), then the labels
+(int32 class indices, or float32 k-hot rows of a multi-label task: the
+manifest's ``labels_shape``, absent in older entries for scalar labels),
 so reading back is one copy into a tensor, sliced and reinterpreted. Shards roll over every
 ``SHARD_BYTES``; two entries of the same shapes and batches (an image's
 and its mirror image's frontier) get the same shards, so they can be read
@@ -59,6 +61,7 @@ class Entry:
         self.folder, self.manifest = folder, manifest
         self.specs: List[Spec] = [(tuple(o["shape"]), o["dtype"]) for o in manifest["outputs"]]
         self.labels_dtype = manifest["labels_dtype"]
+        self.labels_shape = tuple(manifest.get("labels_shape", ()))
 
     def count(self, split: str) -> int:
         return self.manifest["splits"][split]["count"]
@@ -78,13 +81,13 @@ class Entry:
         """
         data = tf.io.decode_raw(record, tf.uint8)
         sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self.specs]
-        label_size = np.dtype(self.labels_dtype).itemsize
+        label_size = np.dtype(self.labels_dtype).itemsize * int(np.prod(self.labels_shape))
         batch = tf.size(data) // (sum(sizes) + label_size)
         pieces, start = [], 0
         for (shape, dtype), size in zip(self.specs, sizes):
             pieces.append(_view(data[start * batch:(start + size) * batch], dtype, batch, shape))
             start += size
-        labels = _view(data[start * batch:], self.labels_dtype, batch, ())
+        labels = _view(data[start * batch:], self.labels_dtype, batch, self.labels_shape)
         return tuple(pieces), labels
 
     def batches(self, path) -> tf.data.Dataset:
@@ -119,6 +122,7 @@ class Writer:
         self._writers: Dict[str, tf.io.TFRecordWriter] = {}
         self._specs: Optional[List[Spec]] = None
         self._labels_dtype = None
+        self._labels_shape = ()
         tf.io.gfile.makedirs(self._shard_folder)
 
     def add(self, split: str, outputs: Sequence, labels: np.ndarray) -> None:
@@ -128,6 +132,7 @@ class Writer:
         specs = [(tuple(o.shape[1:]), o.dtype.name) for o in outputs]
         if self._specs is None:
             self._specs, self._labels_dtype = specs, labels.dtype.name
+            self._labels_shape = tuple(labels.shape[1:])
         elif specs != self._specs:
             raise ValueError(f"Cache entry {self._key.name}: outputs {specs} after {self._specs}.")
         # Batch-major raw bytes: each output in turn, then the labels.
@@ -169,6 +174,7 @@ class Writer:
         manifest = {"key": self._key.fields(), "writer": self.token, "part": self._part,
                     "outputs": [{"shape": list(s), "dtype": d} for s, d in self._specs or []],
                     "labels_dtype": self._labels_dtype,
+                    **({"labels_shape": list(self._labels_shape)} if self._labels_shape else {}),
                     "splits": {name: {"count": info["count"], "shards": info["shards"]}
                                for name, info in self._splits.items()}}
         final = posixpath.join(self._folder, f"{self._part}.json")

@@ -110,6 +110,10 @@ class Config:
     strict: bool = False
     flatten_nested: bool = False
     class_weighting: str = "none"
+    # Multi-label classification (trainer/multi_label.py): the task, and one global
+    # decision threshold instead of per-class ones chosen on validation (None).
+    task: str = "auto"
+    multi_label_threshold: Optional[float] = None
     # Hostile input and job-dir safety (issue 15): trainer/data/images.py, resume_guard.py.
     max_image_pixels: int = 89_478_485
     discard_backups: bool = False
@@ -250,6 +254,10 @@ def validate(config: Config, check_paths: bool = True) -> None:
         ("class_weighting", config.class_weighting in ("none", "balanced"),
          "must be 'none' or 'balanced'"),
         ("max_image_pixels", config.max_image_pixels >= 1, "must be at least 1"),
+        ("task", config.task in ("auto", "single_label", "multi_label"),
+         "must be 'auto', 'single_label' or 'multi_label'"),
+        ("multi_label_threshold", config.multi_label_threshold is None
+         or 0.0 < config.multi_label_threshold < 1.0, "must be in (0, 1), or unset"),
         ("tpu", not (config.tpu and config.strategy not in ("auto", "tpu")),
          f"is set but --strategy={config.strategy}; use --strategy=tpu or auto"),
     ]

@@ -15,6 +15,9 @@ scalars, a PR curve per class (the PR-curve plugin), a confusion-matrix
 image, a grid of sample predictions, a grid of the worst mistakes and an
 hparams entry, so the run shows up in TensorBoard's HParams dashboard with
 its results. The worst-mistakes grid is also written as a PNG when asked.
+A multi-label model (one with thresholds) is evaluated by
+trainer/multilabel_eval.py: micro/macro F1, mean average precision, exact
+match, Hamming loss and per-class scores at its thresholds, PR curves.
 
 Command line, over any exported model and data folder::
 
@@ -38,6 +41,8 @@ from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 from trainer import export
 from trainer import figures
 from trainer import metrics as metrics_lib
+from trainer import multilabel_eval
+from trainer import thresholds as thresholds_lib
 from trainer.data import pipeline
 
 # The split whose pictures go to TensorBoard: the first of these evaluated.
@@ -57,7 +62,8 @@ _NOT_HPARAMS = ("job_dir", "model_dir", "checkpoint_dir", "log_dir", "cache",
 
 def predict_split(model_dir: str, split: pipeline.Split, image_size: int,
                   batch_size: int = 64):
-    """Probabilities [n, classes] and labels [n] of a split, by the served model."""
+    """Probabilities [n, classes] and labels [n] (k-hot [n, classes] for a multi-label
+    split) of a split, by the served model."""
     serve = tf.saved_model.load(export.resolve_model_dir(model_dir)).signatures["serving_images"]
     dataset = pipeline.make_dataset(split, image_size, batch_size, training=False, cache="none")
     probabilities, labels = [], []
@@ -75,8 +81,14 @@ def predict_splits(model_dir: str, info: pipeline.DatasetInfo, image_size: int,
             for name in splits if name in info.splits and info.splits[name].count}
 
 
-def split_metrics(predictions: Mapping[str, Tuple], info: pipeline.DatasetInfo) -> Dict:
-    """The metrics JSON of predict_splits' output: class names, then a dict per split."""
+def split_metrics(predictions: Mapping[str, Tuple], info: pipeline.DatasetInfo,
+                  thresholds: Optional[Mapping[str, float]] = None) -> Dict:
+    """The metrics JSON of predict_splits' output: class names, then a dict per split.
+
+    ``thresholds``: a multi-label model's ({class: threshold}, thresholds_lib.read).
+    """
+    if info.multi_label:
+        return multilabel_eval.split_metrics(predictions, info.class_names, thresholds)
     results = {"class_names": list(info.class_names)}
     for name, (probabilities, labels) in predictions.items():
         results[name] = metrics_lib.classification_metrics(
@@ -145,6 +157,10 @@ def write_summaries(results: Mapping, model_dir: str, info: pipeline.DatasetInfo
     evaluated = [s for s in ("validation", "test") if s in results]
     if predictions is None:
         predictions = predict_splits(model_dir, info, image_size, evaluated)
+    if info.multi_label:
+        multilabel_eval.write_summaries(results, predictions, log_dir, hparams, step,
+                                        write_pr_curves)
+        return
     writer = tf.summary.create_file_writer(log_dir)
     with writer.as_default(step=step):
         for split in evaluated:
@@ -169,12 +185,14 @@ def write_summaries(results: Mapping, model_dir: str, info: pipeline.DatasetInfo
 def write_pr_curves(tag: str, probabilities: np.ndarray, labels: np.ndarray,
                     class_names: Sequence[str]) -> None:
     """One PR curve per class (its probability, the class against the rest) as
-    ``<tag>/<class>``, into the default summary writer.
+    ``<tag>/<class>``, into the default summary writer. ``labels``: class indices
+    [n], or a boolean matrix [n, classes] of each class's presence (multi-label).
 
     The plugin's own ``pb`` computes the curve's counts; the tensor and its
     metadata are written through the TF2 summary API, which takes them as is.
     """
-    truth = metrics_lib.one_hot(labels, len(class_names))
+    labels = np.asarray(labels)
+    truth = labels if labels.ndim == 2 else metrics_lib.one_hot(labels, len(class_names))
     for k, name in enumerate(class_names):
         value = pr_curve_summary.pb(
             f"{tag}/{name}", truth[:, k], np.asarray(probabilities[:, k], np.float32),
@@ -291,7 +309,9 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
         missing.
     """
     model_dir = export.resolve_model_dir(model_dir)
-    info = pipeline.describe(data_dir, test_fraction, seed, split_fractions)
+    thresholds = thresholds_lib.read(model_dir)  # A multi-label model's; None otherwise.
+    info = pipeline.describe(data_dir, test_fraction, seed, split_fractions).with_task(
+        thresholds is not None)
     model_classes = export.read_class_names(model_dir)
     if list(info.class_names) != model_classes:
         raise ValueError(f"The model's classes {model_classes} differ from the classes of "
@@ -302,7 +322,7 @@ def evaluate_model(model_dir: str, data_dir: str, splits: Sequence[str] = ("test
                          f"{sorted(s for s in info.splits if info.splits[s].count)}.")
     image_size = export.read_image_size(model_dir)
     predictions = predict_splits(model_dir, info, image_size, splits)
-    results = split_metrics(predictions, info)
+    results = split_metrics(predictions, info, thresholds)
     if log_dir:
         write_summaries(results, model_dir, info, image_size, log_dir,
                         {"model": model_dir, "data_dir": data_dir},

@@ -13,6 +13,16 @@ Both return ``probabilities`` [batch, classes], ``class_index``, ``label``,
 saved with it (``image_size``), so tools that read images for it (evaluate,
 TFLite) need no flag for it.
 
+A multi-label model (exported with ``thresholds``) returns besides:
+``scores`` [batch, classes], each class's own sigmoid probability (also
+``probabilities``, which then need not sum to 1); ``thresholds`` [batch,
+classes]; ``labels`` [batch, classes] string: the names of the classes whose
+score is >= their threshold, highest score first, padded with "" (a row of
+"" only: no label); ``label_count`` [batch] int32, the number of labels. Its
+``label``, ``score`` and ``class_index`` are the top class's. The thresholds
+are saved as the ``thresholds`` variable and in ``thresholds.json``
+(trainer/thresholds.py).
+
 Layout: versioned, as TensorFlow Serving reads a model's base path::
 
     model/            the deploy path (AIP_MODEL_DIR, <job_dir>/model)
@@ -38,14 +48,16 @@ import json
 import os
 import sys
 import tempfile
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
 from trainer import model as model_lib
 from trainer import storage
+from trainer import thresholds as thresholds_lib
 from trainer.data import pipeline
 
 CLASS_NAMES_FILE = "class_names.json"
@@ -56,9 +68,14 @@ SAVED_MODEL_FILE = "saved_model.pb"
 class _Serving(tf.Module):
     """The classifier with its class names and input decoding."""
 
-    def __init__(self, model: keras.Model, class_names: Sequence[str], image_size: int):
+    def __init__(self, model: keras.Model, class_names: Sequence[str], image_size: int,
+                 thresholds: Optional[Sequence[float]] = None):
         super().__init__()
         self.model = model
+        self._multi_label = thresholds is not None
+        if self._multi_label:  # Saved with the model; its signatures apply them.
+            self.thresholds = tf.Variable(np.asarray(thresholds, np.float32), trainable=False,
+                                          name="thresholds")
         self.class_names = tf.constant(list(class_names))
         self._num_classes = len(class_names)
         self._image_size = image_size
@@ -72,14 +89,32 @@ class _Serving(tf.Module):
 
     def _predict(self, images):
         logits = self.model(images, training=False)
-        probabilities = model_lib.probabilities(logits, self._num_classes)
+        probabilities = model_lib.probabilities(logits, self._num_classes, self._multi_label)
         index = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-        return {
+        outputs = {
             "probabilities": probabilities,
             "class_index": index,
             "label": tf.gather(self.class_names, index),
             "score": tf.reduce_max(probabilities, axis=-1),
             "class_names": tf.tile(self.class_names[tf.newaxis], [tf.shape(images)[0], 1]),
+        }
+        if self._multi_label:
+            outputs.update(self._labels_above(probabilities, outputs["class_names"]))
+        return outputs
+
+    def _labels_above(self, scores, class_names):
+        """The multi-label outputs: classes at or above their thresholds, best first."""
+        thresholds = tf.broadcast_to(self.thresholds, tf.shape(scores))
+        above = scores >= thresholds
+        # Labels first (by score), then the rest: one sort puts them in front.
+        order = tf.argsort(scores + 2.0 * tf.cast(above, scores.dtype), axis=-1,
+                           direction="DESCENDING")
+        return {
+            "scores": scores,
+            "thresholds": thresholds,
+            "labels": tf.where(tf.gather(above, order, batch_dims=1),
+                               tf.gather(class_names, order, batch_dims=1), ""),
+            "label_count": tf.reduce_sum(tf.cast(above, tf.int32), axis=-1),
         }
 
     def _serve_bytes(self, image_bytes):
@@ -93,12 +128,15 @@ class _Serving(tf.Module):
 
 
 def export_model(model: keras.Model, class_names: Sequence[str], image_size: int,
-                 model_dir: str) -> str:
+                 model_dir: str, thresholds: Optional[Sequence[float]] = None) -> str:
     """Adds a serving SavedModel to ``model_dir`` as its next numbered version.
 
     Under MultiWorkerMirroredStrategy every worker must call this (the save
     runs collective ops); non-chief workers pass a scratch folder. Call it
     outside ``strategy.scope()``.
+
+    ``thresholds``: a multi-label model's per-class decision thresholds
+    (None: single-label).
 
     Returns:
       The new version's folder (what :func:`resolve_model_dir` now gives).
@@ -111,20 +149,22 @@ def export_model(model: keras.Model, class_names: Sequence[str], image_size: int
     _finish_interrupted_swap(model_dir)
     with tempfile.TemporaryDirectory(prefix="export_") as staging:
         staged = os.path.join(staging, "model")
-        stage_model(model, class_names, image_size, staged)
+        stage_model(model, class_names, image_size, staged, thresholds)
         return publish(staged, model_dir)
 
 
 def stage_model(model: keras.Model, class_names: Sequence[str], image_size: int,
-                folder: str) -> str:
+                folder: str, thresholds: Optional[Sequence[float]] = None) -> str:
     """Writes the serving SavedModel and its files to a local ``folder``, checked to load."""
-    serving = _Serving(model, class_names, image_size)
+    serving = _Serving(model, class_names, image_size, thresholds)
     tf.saved_model.save(serving, folder, signatures={
         "serving_default": serving.serve_bytes,
         "serving_images": serving.serve_images,
     })
     with tf.io.gfile.GFile(f"{folder}/{CLASS_NAMES_FILE}", "w") as f:
         json.dump(list(class_names), f)
+    if thresholds is not None:
+        thresholds_lib.write(folder, class_names, thresholds)
     save_backbone_weights(model, f"{folder}/{BACKBONE_WEIGHTS_FILE}")
     _check_loads(folder, image_size)
     return folder

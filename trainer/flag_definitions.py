@@ -253,4 +253,15 @@ def _define_data_flags(fv: dict) -> None:
     flags.DEFINE_enum(
         "class_weighting", "none", ("none", "balanced"),
         "Per-example loss weights: 'none' (the recipe) or 'balanced' "
-        "(n / (k * n_class) from the train split's counts), in both phases.", **fv)
+        "(n / (k * n_class) from the train split's counts), in both phases; "
+        "multi-label: each class's positive term weighted n_negative / n_positive.", **fv)
+    flags.DEFINE_enum(
+        "task", "auto", ("auto", "single_label", "multi_label"),
+        "'single_label' (one class per image, softmax), 'multi_label' (any number "
+        "of classes per image: a sigmoid per class, thresholds chosen on validation) "
+        "or 'auto': multi_label when some training image of an import file has "
+        "several labels.", **fv)
+    flags.DEFINE_float(
+        "multi_label_threshold", None,
+        "Multi-label: one decision threshold (probability in (0, 1)) for every class. "
+        "Unset: each class's threshold of best F1 on the validation split.", **fv)

@@ -115,12 +115,13 @@ BACKBONES = {
 
 def create_model(backbone: str, num_classes: int, image_size: int, dropout: float,
                  weights: Optional[str] = None, augment: bool = True,
-                 seed: Optional[int] = None) -> keras.Model:
+                 seed: Optional[int] = None, multi_label: bool = False) -> keras.Model:
     """Builds the classifier.
 
     Args:
       backbone: a key of BACKBONES.
       num_classes: 2 gives one logit (binary); more give one logit per class.
+      multi_label: one logit per class whatever their number (read through sigmoids).
       image_size: side of the square input, pixels.
       dropout: rate before the logit layer.
       weights: 'imagenet', None (random), or a local Keras weights file
@@ -147,7 +148,7 @@ def create_model(backbone: str, num_classes: int, image_size: int, dropout: floa
     x = base(x, training=False)  # BatchNorm stays in inference mode in both phases.
     x = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
     x = keras.layers.Dropout(dropout, name=DROPOUT_LAYER)(x)
-    units = 1 if num_classes == 2 else num_classes
+    units = 1 if num_classes == 2 and not multi_label else num_classes
     outputs = keras.layers.Dense(units, dtype="float32", name=LOGITS_LAYER)(x)
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
 
@@ -219,10 +220,13 @@ class SmoothedSparseCategoricalCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
-def probabilities(logits, num_classes: int):
-    """Class probabilities [batch, num_classes] from the model's logits."""
+def probabilities(logits, num_classes: int, multi_label: bool = False):
+    """Class probabilities [batch, num_classes] from the model's logits (multi-label:
+    each class's own sigmoid)."""
     import tensorflow as tf
 
+    if multi_label:
+        return tf.sigmoid(logits)
     if num_classes == 2:
         p = tf.sigmoid(logits)
         return tf.concat([1.0 - p, p], axis=-1)

@@ -56,7 +56,7 @@ FIELDS = ("backbone", "weights", "image_size", "fine_tune_at", "dropout", "recip
           "learning_rate", "fine_tune_learning_rate", "head_learning_rates",
           "early_stopping_patience", "lr_schedule", "warmup_epochs", "label_smoothing",
           "augment", "class_weighting", "mixed_precision", "feature_cache", "fine_tune_cache",
-          "seed")
+          "seed", "task")
 # Config fields that do not: where things go, how fast, how often, how verbose. The data
 # options (split_fractions, test_fraction, strict, flatten_nested) count through the
 # listing they produce ("data"), and batch_size through "global_batch".
@@ -68,7 +68,9 @@ IGNORED = ("data_dir", "job_dir", "model_dir", "checkpoint_dir", "log_dir", "str
            "discard_backups", "export_onnx", "watchdog_seconds", "watchdog_floor_seconds",
            # Where the frozen work lives; past the memory limit it spills, the same
            # features either way (trainer/frozen_work.py).
-           "fine_tune_cache_max_gb", "cache_dir", "cache_spill_dir")
+           "fine_tune_cache_max_gb", "cache_dir", "cache_spill_dir",
+           # Chosen after training, on the final weights (trainer/thresholds.py).
+           "multi_label_threshold")
 
 
 class ResumeMismatch(config_lib.ConfigError):
@@ -119,10 +121,16 @@ def _listing_identity(data: pipeline.DatasetInfo, data_dir: str) -> str:
     for name, split in sorted(data.splits.items()):
         counts.append(f"{name} {split.count}")
         entries = ([f"{s.removeprefix(root)}" for s in split.shards] if split.is_records
-                   else [f"{p.removeprefix(root)}:{y}" for p, y in zip(split.paths, split.labels)])
+                   else [f"{p.removeprefix(root)}:{y}" for p, y in zip(
+                       split.paths, split.label_sets if _several(split) else split.labels)])
         digest.update(f"\n{name}:{split.count}:".encode())
         digest.update("|".join(entries).encode())
     return f"{', '.join(counts)}; sha256 {digest.hexdigest()[:16]}"
+
+
+def _several(split) -> bool:
+    """Whether some image of the split has several labels (single-label data hashes as before)."""
+    return any(len(label_set) > 1 for label_set in split.label_sets)
 
 
 def differences(old: Dict, new: Dict) -> List[str]:

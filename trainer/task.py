@@ -63,7 +63,8 @@ def _print_summary(config: config_lib.Config, metrics: dict) -> None:
     splits = [split for split in ("validation", "test") if split in metrics]
     print()
     for key, name in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
-                      ("macro_f1", "Macro F1")):
+                      ("macro_f1", "Macro F1"), ("micro_f1", "Micro F1"),
+                      ("mean_average_precision", "Mean average precision")):
         values = {split: round(metrics[split][key], 4) for split in splits
                   if key in metrics[split]}
         if values:

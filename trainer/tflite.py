@@ -32,7 +32,6 @@ Command line, over any exported model::
         [--data_dir=data]  # int8 too: its calibration images
 """
 
-import dataclasses
 import warnings
 from typing import Dict, Optional, Sequence, Union
 
@@ -123,9 +122,7 @@ def spread_sample(split: pipeline.Split, count: int) -> pipeline.Split:
     if not split.paths or split.count <= count:
         return split
     keep = np.linspace(0, split.count - 1, count).round().astype(int)
-    return dataclasses.replace(split, count=count,
-                               paths=tuple(split.paths[k] for k in keep),
-                               labels=tuple(split.labels[k] for k in keep))
+    return split.subset([int(k) for k in keep])
 
 
 def interpreter(tflite_model: Union[str, bytes], num_threads: Optional[int] = None):

@@ -31,12 +31,14 @@ from trainer import export
 from trainer import figures
 from trainer import frozen_work
 from trainer import model as model_lib
+from trainer import multi_label
 from trainer import onnx_export
 from trainer import preflight
 from trainer import recipe
 from trainer import resume_guard
 from trainer import schedules
 from trainer import tflite
+from trainer import thresholds as thresholds_lib
 from trainer import watchdog
 from trainer.data import image_sizes
 from trainer.data import pipeline
@@ -79,14 +81,20 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
     # ---------------------------------------------------------------- Input
     data = pipeline.describe(config.data_dir, config.test_fraction, config.seed,
                              config.split_fractions, config.strict, config.flatten_nested)
+    config = config.replace(task=multi_label.resolve_task(
+        config.task, data.has_multi_label, config.data_dir))
+    data = data.with_task(config.task == multi_label.MULTI_LABEL)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     # Before any image is read: backups of another run must not resume into this one.
     resume_guard.check(config, data, global_batch, info, strategy)
     data = screen.screen(data, config.data_dir,
                          f"{config.job_dir}/{screen.REPORT}" if info.is_chief else "",
                          max_pixels=config.max_image_pixels)
-    class_weights = weighting.class_weights(data.splits["train"].labels, data.class_names,
-                                            config.class_weighting)
+    # Multi-label: balanced weighting weighs each class's positives in the loss instead.
+    positive_weights = (multi_label.positive_weights(data, config.class_weighting)
+                        if data.multi_label else None)
+    class_weights = None if data.multi_label else weighting.class_weights(
+        data.splits["train"].labels, data.class_names, config.class_weighting)
     config = _choose_image_size(config, data.splits["train"])
     train_split = data.splits["train"]
     steps_per_epoch = max(1, math.ceil(train_split.count / global_batch))
@@ -106,7 +114,7 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
         model = model_lib.create_model(
             config.backbone, data.num_classes, config.image_size, config.dropout,
             weights=weights, augment=config.augment and not config.jit_compile,
-            seed=config.seed)
+            seed=config.seed, multi_label=data.multi_label)
     if info.is_chief:
         config_lib.write_config(config, config.job_dir)
 
@@ -120,7 +128,8 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
         config.cache_spill_dir, config.backbone)
     run = functools.partial(_Runner, config=config, strategy=strategy, info=info,
                             num_classes=data.num_classes, global_batch=global_batch,
-                            validation_steps=validation_steps)
+                            validation_steps=validation_steps,
+                            head=(data.multi_label, positive_weights))
     can_search = config.feature_cache and not isinstance(strategy, tf.distribute.TPUStrategy)
     if config.recipe == recipe.AUTO and not can_search:
         logging.info("--recipe=auto: no head search (%s); phase 1 trains at one fixed rate.",
@@ -144,14 +153,18 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
 
     # -------------------------------------------------------------- Export
     model_dir = cluster.worker_dir(config.model_dir, info)
-    served = export.export_model(model, data.class_names, config.image_size, model_dir)
+    # Multi-label: each class's threshold, chosen on validation, is saved with the model.
+    thresholds = (thresholds_lib.choose(model, data.splits["validation"], config)
+                  if data.multi_label else None)
+    served = export.export_model(model, data.class_names, config.image_size, model_dir,
+                                 thresholds=thresholds)
     if not info.is_chief:
         tf.io.gfile.rmtree(model_dir)
         return {}
 
     # ------------------------------------------------------------ Evaluate
     predictions = evaluate.predict_splits(served, data, config.image_size)
-    metrics = evaluate.split_metrics(predictions, data)
+    metrics = evaluate.split_metrics(predictions, data, thresholds_lib.read(served))
     metrics["model"] = served  # The folder to serve or upload (trainer/export.py).
     metrics["history"] = history
     metrics["frozen_work"] = frozen.sources  # Computed or read from --cache_dir.
@@ -245,11 +258,12 @@ class _Runner:
     """
 
     def __init__(self, phase: recipe.Phase, fit, config, strategy, info, num_classes,
-                 global_batch, validation_steps):
+                 global_batch, validation_steps, head=(False, None)):
         self.phase, self.config, self.strategy, self.info = phase, config, strategy, info
         self.model, self.train_data, self.validation_data = fit
         self.num_classes, self.global_batch = num_classes, global_batch
         self.validation_steps = validation_steps
+        self.multi_label, self.positive_weights = head  # The head's task, its label weights.
         self.folder = f"{config.checkpoint_dir}/phase{phase.number}"
 
     def run(self):
@@ -305,7 +319,10 @@ class _Runner:
         search ``trial``, which is cheap to redo)."""
         config = self.config
         with self.strategy.scope():
-            loss, metrics = model_lib.loss_and_metrics(self.num_classes, config.label_smoothing)
+            loss, metrics = (
+                multi_label.loss_and_metrics(self.num_classes, config.label_smoothing,
+                                             self.positive_weights) if self.multi_label
+                else model_lib.loss_and_metrics(self.num_classes, config.label_smoothing))
             learning_rate = schedules.learning_rate(
                 config.lr_schedule, phase.learning_rate, total_steps=phase.steps,
                 warmup_steps=round(config.warmup_epochs * phase.steps_per_epoch))

@@ -1,9 +1,10 @@
-"""Vertex AI image-classification import files (CSV, JSON Lines) -> rows of (uri, label, split).
+"""Vertex AI image-classification import files (CSV, JSON Lines) -> rows of (uri, labels, split).
 
-The two formats Vertex AI datasets import for single-label image
-classification (schema ``image_classification_single_label_io_format``):
+The formats Vertex AI datasets import for image classification (schemas
+``image_classification_single_label_io_format`` and
+``image_classification_multi_label_io_format``):
 
-* CSV, one image per row, no header: ``[ML_USE,]GCS_FILE_PATH,LABEL``, with
+* CSV, one image per row, no header: ``[ML_USE,]GCS_FILE_PATH,LABEL[,LABEL...]``, with
   ``ML_USE`` one of ``training``, ``validation``, ``test``, ``unassigned``
   (any case; AutoML's older ``train`` too). Parsed with the ``csv`` module, so
   quoted fields may hold commas.
@@ -13,9 +14,11 @@ classification (schema ``image_classification_single_label_io_format``):
      "classificationAnnotation": {"displayName": "cat"},
      "dataItemResourceLabels": {"aiplatform.googleapis.com/ml_use": "training"}}
 
-  ``classificationAnnotations`` (a list, the multi-label schema) is read too;
-  a row with several labels is an error naming its line until the trainer
-  learns multi-label.
+  ``classificationAnnotations`` (a list, the multi-label schema) is read too.
+
+A row may name several labels (a multi-label image); each row's labels come
+in file order, repeats dropped. Whether the job trains multi-label is the
+trainer's ``--task`` (trainer/task_kind.py).
 
 Paths may be gs://, absolute local paths, or relative to the import file's
 folder. Each file is read once, whole, through ``tf.io.gfile``: nothing is
@@ -40,18 +43,19 @@ ML_USE = {"training": "train", "train": "train", "validation": "validation",
 _IMAGE_ENDINGS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ico")
 
 
-class MultiLabelError(ValueError):
-    """A row names several labels: multi-label import files are not trained yet."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One usable row: the image, its label and its split ('' when unassigned)."""
+    """One usable row: the image, its labels and its split ('' when unassigned)."""
 
     where: str  # "file:line"
     uri: str  # resolved: gs://..., or an absolute or normalised local path
-    label: str
+    labels: Tuple[str, ...]  # one or more, in the row's order
     split: str
+
+    @property
+    def label(self) -> str:
+        """The first label (the only one of a single-label row)."""
+        return self.labels[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,6 @@ def read_rows(path: str) -> Tuple[List[Row], List[BadRow]]:
     """Rows of one import file (CSV or JSON Lines, by its ending).
 
     Raises:
-      MultiLabelError: a row has several labels (the message names its line).
       tf.errors.NotFoundError: the file does not exist.
     """
     with tf.io.gfile.GFile(path, "r") as f:
@@ -107,20 +110,16 @@ def read_rows(path: str) -> Tuple[List[Row], List[BadRow]]:
 
 
 def _row(where: str, uri: str, labels: Sequence[str], ml_use: str, folder: str):
-    labels = [label.strip() for label in labels if label and label.strip()]
+    labels = list(dict.fromkeys(label.strip() for label in labels if label and label.strip()))
     if not uri.strip():
         return BadRow(where, "no image path")
-    if len(labels) > 1:
-        raise MultiLabelError(
-            f"{where}: several labels {labels}; multi-label import files are not "
-            "supported yet (give one label per image).")
     if not labels:
         return BadRow(where, "empty label")
     key = ml_use.strip().lower() or "unassigned"
     if key not in ML_USE:
         return BadRow(where, f"unknown ML_USE {ml_use!r} (use training, validation, test "
                              "or unassigned)")
-    return Row(where, resolve(uri.strip(), folder), labels[0], ML_USE[key])
+    return Row(where, resolve(uri.strip(), folder), tuple(labels), ML_USE[key])
 
 
 def _looks_like_path(field: str) -> bool:

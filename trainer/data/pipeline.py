@@ -9,6 +9,11 @@ Two kinds of source share one pipeline:
 * prepared TFRecords with a ``manifest.json`` (``trainer.prepare``), the
   format for large data and Cloud Storage.
 
+Labels are int32 class indices, or with a multi-label task (a split's
+``multi_hot`` is its class count) float32 k-hot vectors [k]: from the
+listing's label sets, or from prepared records' ``image/class/labels``
+(records of an older trainer hold one label, read as a one-hot vector).
+
 With per-class weights (``--class_weighting=balanced``), training batches
 are (images, labels, sample weights): the weights ride through ``tf.data``,
 so they work in both phases, with the feature caches and under every
@@ -35,6 +40,7 @@ import dataclasses
 import functools
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -57,10 +63,29 @@ class Split:
     labels: Tuple[int, ...] = ()
     shards: Tuple[str, ...] = ()
     manifest: str = ""  # Prepared records: the manifest.json they were listed from.
+    # Every label of each image (image files); labels holds the first of each.
+    label_sets: Tuple[Tuple[int, ...], ...] = ()
+    multi_hot: int = 0  # Labels as k-hot vectors of this many classes; 0: class indices.
 
     @property
     def is_records(self) -> bool:
         return bool(self.shards)
+
+    def subset(self, indices: Sequence[int], name: str = "") -> "Split":
+        """The split's images at ``indices`` (image files), in that order."""
+        return dataclasses.replace(
+            self, name=name or self.name, count=len(indices),
+            paths=tuple(self.paths[i] for i in indices),
+            labels=tuple(self.labels[i] for i in indices),
+            label_sets=tuple(self.label_sets[i] for i in indices) if self.label_sets else ())
+
+    def k_hot(self) -> np.ndarray:
+        """float32 [count, multi_hot]: each image's labels (image files)."""
+        sets = self.label_sets or tuple((label,) for label in self.labels)
+        matrix = np.zeros((len(sets), self.multi_hot), np.float32)
+        for row, label_set in enumerate(sets):
+            matrix[row, list(label_set)] = 1.0
+        return matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +96,23 @@ class DatasetInfo:
     splits: Dict[str, Split]
     # What the splits were listed from (None for prepared records): the data report.
     listing: Optional[sources.Listing] = dataclasses.field(default=None, compare=False)
+    # Whether some training image has several labels (what --task=auto reads).
+    has_multi_label: bool = False
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the splits yield k-hot labels (``with_task``)."""
+        return bool(self.splits["train"].multi_hot)
+
+    def with_task(self, multi_label: bool) -> "DatasetInfo":
+        """This info with every split's labels k-hot (multi-label) or class indices."""
+        k = self.num_classes if multi_label else 0
+        return dataclasses.replace(self, splits={
+            name: dataclasses.replace(split, multi_hot=k) for name, split in self.splits.items()})
 
 
 DataError = sources.DataError  # The data cannot be trained on; the message says why and where.
@@ -112,8 +150,9 @@ def from_listing(listing: sources.Listing) -> DatasetInfo:
         images = listing.split(name)
         if images or name != "test":
             splits[name] = Split(name, len(images), tuple(i.path for i in images),
-                                 tuple(listing.label(i) for i in images))
-    return DatasetInfo(listing.class_names, splits, listing)
+                                 tuple(listing.label(i) for i in images),
+                                 label_sets=tuple(listing.label_set(i) for i in images))
+    return DatasetInfo(listing.class_names, splits, listing, listing.multi_label)
 
 
 def check_classes(info: DatasetInfo, data_dir: str) -> None:
@@ -121,7 +160,9 @@ def check_classes(info: DatasetInfo, data_dir: str) -> None:
     if info.num_classes < 2:
         raise DataError(f"{data_dir} needs at least 2 classes, found {list(info.class_names)}.")
     for name in ("train", "validation"):
-        present = set(info.splits[name].labels)
+        split = info.splits[name]
+        present = {k for label_set in (split.label_sets or [(y,) for y in split.labels])
+                   for k in label_set}
         for label, class_name in enumerate(info.class_names):
             if label not in present:
                 raise DataError(f"{data_dir}: class {class_name!r} has no images in {name}.")
@@ -145,12 +186,7 @@ def hold_out(split: Split, fraction: float, seed: int,
       original order.
     """
     keep, hold = sources.held_out(split.labels, fraction, seed)
-
-    def subset(name, indices):
-        return Split(name, len(indices), tuple(split.paths[i] for i in indices),
-                     tuple(split.labels[i] for i in indices))
-
-    return subset(split.name, keep), subset(name, hold)
+    return split.subset(keep), split.subset(hold, name)
 
 
 def _describe_records(root: str) -> DatasetInfo:
@@ -161,7 +197,8 @@ def _describe_records(root: str) -> DatasetInfo:
                     shards=tuple(f"{root}/{shard}" for shard in info["shards"]),
                     manifest=f"{root}/{records.MANIFEST}")
         for name, info in manifest["splits"].items() if info["count"]}
-    return DatasetInfo(tuple(manifest["class_names"]), splits)
+    return DatasetInfo(tuple(manifest["class_names"]), splits,
+                       has_multi_label=bool(manifest.get("multi_label", False)))
 
 
 def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -241,11 +278,13 @@ def _read_examples(split: Split, image_size: int,
     num_pipelines, index = _pipeline_share(input_context)
     if split.is_records:
         ds = _read_records(split.shards, num_pipelines, index)
-
-        ds = ds.batch(_PARSE_BATCH).map(records.parse_examples).unbatch()
+        parse = (functools.partial(records.parse_examples_k_hot, num_classes=split.multi_hot)
+                 if split.multi_hot else records.parse_examples)
+        ds = ds.batch(_PARSE_BATCH).map(parse).unbatch()
         return ds.map(lambda encoded, label: (preprocess_image(encoded, image_size), label),
                       num_parallel_calls=tf.data.AUTOTUNE)
-    ds = tf.data.Dataset.from_tensor_slices((list(split.paths), list(split.labels)))
+    labels = split.k_hot() if split.multi_hot else list(split.labels)
+    ds = tf.data.Dataset.from_tensor_slices((list(split.paths), labels))
     ds = ds.shard(num_pipelines, index)
     return ds.map(lambda path, label: (preprocess_image(tf.io.read_file(path), image_size), label),
                   num_parallel_calls=tf.data.AUTOTUNE)

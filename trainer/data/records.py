@@ -10,7 +10,11 @@ feature                     type    value
 ``image/encoded``           bytes   the image as RGB JPEG
 ``image/format``            bytes   ``jpeg``
 ``image/class/label``       int64   class index, into the manifest's class_names
+                                    (a multi-label image's first label)
 ``image/class/text``        bytes   class name
+``image/class/labels``      int64[] every label's class index (multi-label
+                                    images only; absent in records of older
+                                    trainers and of single-label images)
 ``image/height``            int64   height of the stored image, pixels
 ``image/width``             int64   width of the stored image, pixels
 ``image/source_path``       bytes   the source file, relative to the input folder
@@ -22,8 +26,9 @@ A prepared folder holds ``<split>/<split>-NNNNN-of-MMMMM.tfrecord`` shards,
 
 * ``format_version``: this module's FORMAT_VERSION;
 * ``class_names``: class names in label order;
+* ``multi_label``: whether some image has several labels (absent: none);
 * ``splits``: for each split, ``count`` (records), ``classes`` (records per
-  class name), ``shards`` (paths relative to the folder), ``shard_sizes``
+  class name; a multi-label image counts in each of its classes), ``shards`` (paths relative to the folder), ``shard_sizes``
   (each shard's file size, checked before training by
   :mod:`trainer.data.shard_check`) and ``bytes``;
 * ``image_stats``: min, max and mean of stored ``height``, ``width`` and
@@ -37,7 +42,7 @@ A prepared folder holds ``<split>/<split>-NNNNN-of-MMMMM.tfrecord`` shards,
 import json
 import re
 import uuid
-from typing import Dict
+from typing import Dict, Sequence
 
 import tensorflow as tf
 
@@ -50,6 +55,7 @@ ENCODED = "image/encoded"
 FORMAT = "image/format"
 LABEL = "image/class/label"
 CLASS_NAME = "image/class/text"
+LABELS = "image/class/labels"
 HEIGHT = "image/height"
 WIDTH = "image/width"
 SOURCE = "image/source_path"
@@ -59,6 +65,7 @@ _FEATURES = {
     ENCODED: tf.io.FixedLenFeature([], tf.string),
     LABEL: tf.io.FixedLenFeature([], tf.int64),
 }
+_K_HOT_FEATURES = {**_FEATURES, LABELS: tf.io.RaggedFeature(tf.int64)}
 
 ALL_FEATURES = {
     ENCODED: tf.io.FixedLenFeature([], tf.string),
@@ -84,9 +91,14 @@ def _int(value: int) -> tf.train.Feature:
 
 
 def make_example(encoded: bytes, image_format: str, label: int, class_name: str,
-                 height: int, width: int, source: str, sha256: str) -> tf.train.Example:
-    """One image as a tf.train.Example."""
+                 height: int, width: int, source: str, sha256: str,
+                 label_set: Sequence[int] = ()) -> tf.train.Example:
+    """One image as a tf.train.Example; ``label_set``: every label of a multi-label image."""
+    extra = {}
+    if len(label_set) > 1:
+        extra[LABELS] = tf.train.Feature(int64_list=tf.train.Int64List(value=list(label_set)))
     return tf.train.Example(features=tf.train.Features(feature={
+        **extra,
         ENCODED: _bytes(encoded),
         FORMAT: _bytes(image_format.encode()),
         LABEL: _int(label),
@@ -109,6 +121,21 @@ def parse_examples(serialized: tf.Tensor):
     Parsing a batch at once costs less per record than one at a time.
     """
     return _image_and_label(tf.io.parse_example(serialized, _FEATURES))
+
+
+def parse_examples_k_hot(serialized: tf.Tensor, num_classes: int):
+    """A batch of serialized Examples -> (encoded bytes [n], float32 k-hot labels [n, k]).
+
+    ``image/class/labels`` when a record has it, else its one label: records
+    written before multi-label (or of single-label images) read as one-hot.
+    """
+    parsed = tf.io.parse_example(serialized, _K_HOT_FEATURES)
+    labels = parsed[LABELS]
+    listed = tf.reduce_max(tf.one_hot(labels, num_classes, dtype=tf.float32), axis=1)
+    listed = listed.to_tensor() if isinstance(listed, tf.RaggedTensor) else listed
+    single = tf.one_hot(parsed[LABEL], num_classes, dtype=tf.float32)
+    has_list = labels.row_lengths()[:, tf.newaxis] > 0
+    return parsed[ENCODED], tf.where(has_list, tf.maximum(listed, 0.0), single)
 
 
 def _image_and_label(parsed: Dict[str, tf.Tensor]):

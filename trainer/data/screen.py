@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import tensorflow as tf
 from absl import logging
@@ -109,13 +109,10 @@ def screen(info: pipeline.DatasetInfo, data_dir: str, report_path: str = "",
 
 
 def _screened(split: pipeline.Split, outcomes: Dict[str, _Outcome]) -> pipeline.Split:
-    kept: List[Tuple[str, int]] = []
-    for path, label in zip(split.paths, split.labels):
-        outcome = outcomes[path]
-        if outcome.status != images.SKIPPED:
-            kept.append((outcome.converted or path, label))
-    return pipeline.Split(split.name, len(kept), tuple(p for p, _ in kept),
-                          tuple(y for _, y in kept))
+    kept = [k for k, path in enumerate(split.paths) if outcomes[path].status != images.SKIPPED]
+    split = split.subset(kept)
+    return dataclasses.replace(split, paths=tuple(outcomes[p].converted or p
+                                                  for p in split.paths))
 
 
 def _report(info: pipeline.DatasetInfo, screened: pipeline.DatasetInfo, data_dir: str,

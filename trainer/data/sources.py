@@ -12,7 +12,9 @@ they split alike, image for image. Accepted (local or gs://):
   by ``Options.split_fractions`` (AutoML's 80/10/10 by default), by the seed.
 * **Vertex AI import files**: one or several (comma-separated) ``.csv`` /
   ``.jsonl`` files (:mod:`trainer.data.import_files`); rows without ML_USE
-  (or ``unassigned``) are split per class like class folders.
+  (or ``unassigned``) are split per class like class folders. A row may name
+  several labels: the image's ``labels`` hold them all, its ``class_name``
+  the first (what splitting per class goes by). Folders are single-label.
 * **prepared records** (a ``manifest.json``): detected here
   (``LAYOUT_RECORDS``) and read by ``pipeline``.
 
@@ -78,6 +80,11 @@ class Image:
     class_name: str
     relative: str  # to the data folder, or the URI as the import file resolves it
     origin: str = ""  # "file:line" of an import row
+    labels: Tuple[str, ...] = ()  # every label of a multi-label row; () means (class_name,)
+
+    @property
+    def all_labels(self) -> Tuple[str, ...]:
+        return self.labels or (self.class_name,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +111,15 @@ class Listing:
 
     def label(self, image: Image) -> int:
         return self.class_names.index(image.class_name)
+
+    def label_set(self, image: Image) -> Tuple[int, ...]:
+        """Indices of every label of ``image`` (one for a single-label image)."""
+        return tuple(self.class_names.index(name) for name in image.all_labels)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether any training image has more than one label (what --task=auto reads)."""
+        return any(len(i.all_labels) > 1 for i in self.images if i.split == "train")
 
 
 def is_ignored(name: str) -> bool:
@@ -179,8 +195,7 @@ def list_images(data: str, options: Options = Options()) -> Listing:
     """Lists ``data`` (a folder or import files) into one Listing; logs its summary line.
 
     Raises:
-      DataError: no usable layout, a nested class folder, a multi-label row,
-        or (with ``options.strict``) the first bad row.
+      DataError: no usable layout, a nested class folder, or (with ``options.strict``) the first bad row.
     """
     layout = detect_layout(data)
     if layout == LAYOUT_RECORDS:
@@ -248,26 +263,22 @@ def _list_import_files(data: str, options: Options) -> Listing:
     names = import_files.split_names(data)
     rows, bad = [], []
     for name in names:
-        try:
-            file_rows, file_bad = import_files.read_rows(name)
-        except import_files.MultiLabelError as e:
-            raise DataError(str(e)) from None
+        file_rows, file_bad = import_files.read_rows(name)
         rows += file_rows
         bad += [Problem(b.where, b.reason) for b in file_bad]
     rows, conflicts = _deduplicate(rows)
     bad += conflicts
     rows, missing = _existing(rows)
     bad += missing
-    images = [Image(r.uri, r.split, r.label, r.uri, r.where) for r in rows]
-    class_names = tuple(sorted({image.class_name for image in images}))
+    images = [Image(r.uri, r.split, r.label, r.uri, r.where,
+                    r.labels if len(r.labels) > 1 else ()) for r in rows]
+    class_names = tuple(sorted({name for image in images for name in image.all_labels}))
     images = _assign(images, class_names, options)
-    untrained = {image.class_name for image in images} - {
-        image.class_name for image in images if image.split == "train"}
-    if untrained:
-        bad += [Problem(i.origin, f"label {i.class_name!r} has no training image")
-                for i in images if i.class_name in untrained]
-        images = [i for i in images if i.class_name not in untrained]
-        class_names = tuple(c for c in class_names if c not in untrained)
+    images, class_names, untrained_rows = _drop_untrained(images, class_names)
+    bad += untrained_rows
+    if untrained_rows:  # A multi-label image may have a new first label: keep the order.
+        index = {name: k for k, name in enumerate(class_names)}
+        images.sort(key=lambda i: (SPLITS.index(i.split), index[i.class_name], i.path))
     bad = sorted(bad, key=lambda p: _line_order(p.where, names))
     if bad and options.strict:
         raise DataError(f"{bad[0].where}: {bad[0].reason} (--strict stops at the first bad "
@@ -282,20 +293,43 @@ def _list_import_files(data: str, options: Options) -> Listing:
                    class_names, tuple(images), tuple(bad), ())
 
 
+def _drop_untrained(images: Sequence[Image], class_names: Sequence[str]):
+    """(images, class names, problems) without labels that no training image has.
+
+    A single-label row of such a label is dropped; a multi-label row loses
+    that label (and is dropped when none is left).
+    """
+    trained = {name for i in images if i.split == "train" for name in i.all_labels}
+    kept, bad = [], []
+    for image in images:
+        labels = [name for name in image.all_labels if name in trained]
+        for name in image.all_labels:
+            if name not in trained:
+                bad.append(Problem(image.origin, f"label {name!r} has no training image"))
+        if labels:
+            kept.append(dataclasses.replace(image, class_name=labels[0],
+                                            labels=tuple(labels) if len(labels) > 1 else ()))
+    return kept, tuple(c for c in class_names if c in trained), bad
+
+
 def _line_order(where: str, names: Sequence[str]):
     name, _, line = where.rpartition(":")
     return (names.index(name) if name in names else len(names), int(line) if line.isdigit() else 0)
 
 
 def _deduplicate(rows: Sequence[import_files.Row]):
-    """Rows with each URI once; a URI given with different labels is dropped, each row reported."""
+    """Rows with each URI once; a URI given with different labels is dropped, each row reported.
+
+    Labels compare as sets: ``a,b`` and ``b,a`` are one image's labels.
+    """
     by_uri: Dict[str, List[import_files.Row]] = collections.defaultdict(list)
     for row in rows:
         by_uri[row.uri].append(row)
     kept, bad = [], []
     for uri, group in by_uri.items():
-        labels = sorted({r.label for r in group})
+        labels = sorted({tuple(sorted(r.labels)) for r in group})
         if len(labels) > 1:
+            labels = [",".join(label_set) for label_set in labels]
             lines = ", ".join(r.where for r in group)
             bad += [Problem(r.where, f"{uri} has conflicting labels {labels} ({lines})")
                     for r in group]
