@@ -98,6 +98,32 @@ def _cache_reuse(results):
     assert second["frozen_work"]["pooled/original"] == "read"
 
 
+def _multilabel(results):
+    data = results["rounds"][0]["data"]
+    splits = data["splits"]
+    # The seeded builder: the same mosaics, labels and photos every run.
+    assert {s: splits[s]["mosaics"] for s in splits} == {"train": 16, "validation": 8, "test": 8}
+    assert {s: splits[s]["label_counts"] for s in splits} == {
+        "train": {"cat": 11, "dog": 9}, "validation": {"cat": 7, "dog": 3},
+        "test": {"cat": 4, "dog": 5}}
+    assert data["photos_in_two_splits"] == 0
+    for split in splits.values():  # Labels are what the tiles hold.
+        sets = split["label_sets"]
+        assert split["label_counts"] == {"cat": sets["cat"] + sets["cat+dog"],
+                                         "dog": sets["dog"] + sets["cat+dog"]}
+    assert data["frequency_baselines"]["constant_micro_f1"] == pytest.approx(0.72)
+    reference = results["rounds"][0]["single_label"]
+    # The reference is tested on exactly the photos inside the test mosaics.
+    assert reference["test_count"] == sum(splits["test"]["distinct_photos"].values()) == 8
+    multi = results["rounds"][0]["multi_label"]
+    assert multi["task"] == results["summary"]["task"] == "multi_label"
+    assert multi["test"]["count"] == 8
+    assert all(multi["test"][key] is not None for key in (
+        "micro_f1", "macro_f1", "mean_average_precision", "exact_match", "hamming_loss"))
+    assert set(multi["thresholds"]) == {"cat", "dog"}
+    assert all(0 <= t <= 1 for t in multi["thresholds"].values())
+
+
 SMOKES = [
     Smoke("recipe", "out_dir", _recipe),
     Smoke("recipe_fit", "out_dir", _recipe_fit),
@@ -108,6 +134,7 @@ SMOKES = [
     Smoke("exports", "out_dir", _exports),
     Smoke("cache_scale", "out_dir", _cache_scale),
     Smoke("cache_reuse", "out_dir", _cache_reuse),
+    Smoke("multilabel", "out_dir", _multilabel),
 ]
 
 
