@@ -25,6 +25,7 @@ EXPECTED_STRATEGY = {
     "gpu_l4_package.yaml": "one_device",
     "spot_gpu_l4.yaml": "one_device",
     "hptune.yaml": "one_device",
+    "hptune_multilabel.yaml": "one_device",
     "a100x4_mirrored.yaml": "mirrored",
     "multi_worker.yaml": "multi_worker",
     "multi_worker_package.yaml": "multi_worker",

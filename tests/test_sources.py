@@ -290,17 +290,26 @@ def test_bad_json_lines_are_reported_with_their_line(two_splits, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_a_multi_label_row_is_an_error_naming_its_line(two_splits, tmp_path, fmt):
+def test_a_row_with_several_labels_lists_every_label(two_splits, tmp_path, fmt):
+    """CSV ``ML_USE,PATH,LABEL,LABEL`` and JSONL ``classificationAnnotations`` lists: the
+    image keeps every label (its first as class_name), and the listing is multi-label."""
     rows = _rows(two_splits)
+    (ml_use, first, _), rest = rows[0], rows[1:]
     path = tmp_path / f"multi.{fmt}"
     if fmt == "csv":
-        path.write_text("".join(",".join(r) + "\n" for r in rows)
-                        + f"training,{rows[0][1]},circle,square\n")
+        path.write_text(f"{ml_use},{first},square,circle,square\n"
+                        + "".join(",".join(r) + "\n" for r in rest))
     else:
-        path.write_text("".join(_jsonl_line(p, label, m) for m, p, label in rows)
-                        + _jsonl_line(rows[0][1], None, "training", multi=["circle", "square"]))
-    with pytest.raises(sources.DataError, match=rf"multi.{fmt}:{len(rows) + 1}: several labels"):
-        pipeline.describe(str(path))
+        path.write_text(_jsonl_line(first, None, ml_use, multi=["square", "circle", "square"])
+                        + "".join(_jsonl_line(p, label, m) for m, p, label in rest))
+    info = pipeline.describe(str(path), test_fraction=0.0)
+    assert info.has_multi_label
+    [image] = [i for i in info.listing.images if i.path == first]
+    assert image.all_labels == ("square", "circle") and image.class_name == "square"
+    train = info.splits["train"]
+    index = train.paths.index(first)
+    assert train.label_sets[index] == (CLASSES.index("square"), CLASSES.index("circle"))
+    assert all(len(s) == 1 for k, s in enumerate(train.label_sets) if k != index)
 
 
 def test_prepare_reads_an_import_file_into_the_trainers_splits(two_splits, tmp_path):

@@ -16,6 +16,12 @@ online request would, and is measured on:
   phone core and the fair one on a shared machine; the SavedModel runs with
   TensorFlow's default threads.
 
+A multi-label model (one with thresholds, trainer/thresholds.py) is
+measured on its thresholded labels instead: ``micro_f1`` on the split in
+place of ``accuracy``, ``agreement`` as the share of images whose label set
+(the classes at or above their thresholds) equals the SavedModel's, and
+``label_agreement`` as the share of (image, class) decisions that agree.
+
 ``train.py`` records the result in ``metrics.json`` under ``exports``.
 """
 
@@ -26,7 +32,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import export
+from trainer import multilabel_metrics
 from trainer import onnx_export
+from trainer import thresholds as thresholds_lib
 from trainer import tflite
 from trainer.data import pipeline
 
@@ -108,6 +116,9 @@ def measure(model_dir: str, artifacts: Mapping[str, str], split: pipeline.Split,
     """
     model_dir = export.resolve_model_dir(model_dir)
     images, labels = split_images(split, image_size)
+    thresholds = thresholds_lib.read(model_dir)
+    if thresholds is not None:
+        thresholds = np.asarray([thresholds[n] for n in export.read_class_names(model_dir)])
     results, reference = {}, None
     for name, path in {SAVED_MODEL: model_dir, **artifacts}.items():
         probabilities, seconds = run_one_at_a_time(runner(name, path), images)
@@ -116,9 +127,11 @@ def measure(model_dir: str, artifacts: Mapping[str, str], split: pipeline.Split,
         timed = seconds[WARMUP:] if len(seconds) > WARMUP else seconds
         results[name] = {
             "path": path,
-            "accuracy": float((probabilities.argmax(axis=1) == labels).mean()),
-            "agreement": float((probabilities.argmax(axis=1)
-                                == reference.argmax(axis=1)).mean()),
+            **(_multi_label_scores(probabilities, reference, labels, thresholds)
+               if thresholds is not None else
+               {"accuracy": float((probabilities.argmax(axis=1) == labels).mean()),
+                "agreement": float((probabilities.argmax(axis=1)
+                                    == reference.argmax(axis=1)).mean())}),
             "max_probability_difference": float(np.abs(probabilities - reference).max()),
             "size_bytes": size_bytes(path),
             "latency_ms": float(np.median(timed) * 1e3),
@@ -126,3 +139,14 @@ def measure(model_dir: str, artifacts: Mapping[str, str], split: pipeline.Split,
         }
     return {"split": split.name, "count": int(len(labels)), "threads": THREADS,
             "artifacts": results}
+
+
+def _multi_label_scores(scores: np.ndarray, reference: np.ndarray, truth: np.ndarray,
+                        thresholds: np.ndarray) -> Dict:
+    """Micro F1 and agreement with the SavedModel of thresholded labels."""
+    predicted, expected = scores >= thresholds, reference >= thresholds
+    names = [str(k) for k in range(len(thresholds))]
+    return {"micro_f1": multilabel_metrics.multilabel_metrics(
+                scores, truth, thresholds, names)["micro_f1"],
+            "agreement": float((predicted == expected).all(axis=1).mean()),
+            "label_agreement": float((predicted == expected).mean())}

@@ -17,7 +17,10 @@ still run; the command exits 1 only when no image was predicted.
 Output: a line per image (errors on stderr), or with ``--json`` one JSON
 object per line on stdout (JSON Lines), either
 ``{"path", "label", "score", "top_k": [{"label", "probability"}, ...]}`` or
-``{"path", "error"}``.
+``{"path", "error"}``. A multi-label model's results add ``labels``: every
+class whose score is at or above its threshold, highest first (possibly
+none), as ``[{"label", "score"}, ...]``; its line lists them
+(``path: red (0.934), blue (0.712)``, or ``path: no label``).
 """
 
 import json
@@ -114,24 +117,36 @@ def _predict_bytes(serve, contents: List[bytes]) -> List[Union[Dict, str]]:
         return [result for content in contents for result in _predict_bytes(serve, [content])]
     probabilities = outputs["probabilities"].numpy()
     class_names = [name.decode() for name in outputs["class_names"].numpy()[0]]
-    return [{"probabilities": row, "class_names": class_names} for row in probabilities]
+    results = [{"probabilities": row, "class_names": class_names} for row in probabilities]
+    if "labels" in outputs:  # A multi-label model: the classes above their thresholds.
+        for result, labels in zip(results, outputs["labels"].numpy()):
+            result["labels"] = [name.decode() for name in labels if name]
+    return results
 
 
 def _top_classes(outputs: Dict, top_k: int) -> Dict:
     probabilities, class_names = outputs["probabilities"], outputs["class_names"]
     order = probabilities.argsort()[::-1][:max(1, top_k)]
-    return {
+    result = {
         "label": class_names[order[0]],
         "score": float(probabilities[order[0]]),
         "top_k": [{"label": class_names[i], "probability": float(probabilities[i])}
                   for i in order],
     }
+    if "labels" in outputs:
+        result["labels"] = [{"label": name,
+                             "score": float(probabilities[class_names.index(name)])}
+                            for name in outputs["labels"]]
+    return result
 
 
 def format_result(result: Dict) -> str:
     """One human-readable line: ``path: label (0.934), then other (0.051)``."""
     if "error" in result:
         return f"{result['path']}: ERROR {result['error']}"
+    if "labels" in result:  # Multi-label: every label above its threshold.
+        shown = [f"{c['label']} ({c['score']:.3f})" for c in result["labels"]]
+        return f"{result['path']}: " + (", ".join(shown) or "no label")
     ranked = [f"{c['label']} ({c['probability']:.3f})" for c in result["top_k"]]
     return f"{result['path']}: " + ", then ".join(ranked)
 

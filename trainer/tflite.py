@@ -10,7 +10,10 @@ themselves, so the image-bytes decoding stays out:
 * output ``probabilities``: [1, classes]: float32, or uint8 for ``int8``
   (probability = scale * (q - zero_point), from the tensor's quantization);
 * ``labels.txt`` beside the models: class names, one a line, in index order
-  (the layout the TFLite task libraries and image-classification apps read).
+  (the layout the TFLite task libraries and image-classification apps read);
+  for a multi-label model also ``thresholds.json`` ({class: threshold}): its
+  ``probabilities`` are then each class's sigmoid, a class present when at or
+  above its threshold.
   Not TFLite metadata: the library that writes it (tflite-support 0.4.4, its
   last release) requires protobuf < 4, and TensorFlow 2.21 protobuf >= 6.31.
 
@@ -42,6 +45,7 @@ from absl import flags
 from absl import logging
 
 from trainer import export
+from trainer import thresholds as thresholds_lib
 from trainer.data import pipeline
 
 FLOAT = "float"
@@ -223,6 +227,10 @@ def export_tflite(model_dir: str, output_dir: str,
                      len(content) / 1e6)
     with tf.io.gfile.GFile(f"{output_dir.rstrip('/')}/{LABELS_FILE}", "w") as f:
         f.write("".join(f"{name}\n" for name in class_names))
+    thresholds = thresholds_lib.read(model_dir)
+    if thresholds is not None:  # Multi-label: the app applies them to the probabilities.
+        thresholds_lib.write(output_dir.rstrip("/"), class_names,
+                             [thresholds[name] for name in class_names])
     return paths
 
 
