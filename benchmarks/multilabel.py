@@ -120,7 +120,17 @@ def single_label_side(source: str, mosaic_set: mosaics.MosaicSet, work_dir: str)
     reference = mosaics.write_reference(source, mosaic_set, f"{work_dir}/reference")
     run = run_trainer(reference, f"{work_dir}/jobs/single_label", [],
                       f"{work_dir}/single_label.log")
-    return multilabel_report.single_label_result(run, mosaic_set)
+    result = multilabel_report.single_label_result(run, mosaic_set)
+    result["test_folder_is_test_mosaics_photos"] = same_photos(
+        f"{reference}/test", mosaic_set.photos("test"))
+    return result
+
+
+def same_photos(folder: str, photos: Dict[str, list]) -> bool:
+    """Whether ``folder``'s class folders hold exactly ``photos`` (by class and file name)."""
+    listed = {c: sorted(os.listdir(f"{folder}/{c}")) for c in sorted(os.listdir(folder))}
+    return listed == {c: sorted(os.path.basename(p) for p in paths)
+                      for c, paths in photos.items()}
 
 
 def main(argv):

@@ -114,6 +114,7 @@ def _multilabel(results):
     assert data["frequency_baselines"]["constant_micro_f1"] == pytest.approx(0.72)
     reference = results["rounds"][0]["single_label"]
     # The reference is tested on exactly the photos inside the test mosaics.
+    assert reference["test_folder_is_test_mosaics_photos"]
     assert reference["test_count"] == sum(splits["test"]["distinct_photos"].values()) == 8
     multi = results["rounds"][0]["multi_label"]
     assert multi["task"] == results["summary"]["task"] == "multi_label"
