@@ -1,6 +1,7 @@
 """Multi-label on real photos: 2x2 mosaics of cats and dogs; the single-label reference.
 
-Run (about 15 minutes on 2 cores):
+Run (36 minutes on the 2 shared cores under load: the reference 23, multi-label 13; see
+benchmarks/results/multilabel.md):
 
     python -m benchmarks.multilabel \
         --data_dir=../shared/data/cats_and_dogs_filtered \
@@ -87,7 +88,7 @@ def write_smoke_photos(root: str, per_class: int = 8, size: int = 48) -> str:
 
 
 def run_trainer(data_dir: str, job_dir: str, side_flags: Sequence[str], log_file: str) -> Dict:
-    """One ``python -m trainer.task`` job; its metrics.json, the flags and wall seconds.
+    """One ``python -m trainer.task`` job; its metrics.json, config.json, flags, wall seconds.
 
     Raises:
       RuntimeError: the job failed (the message holds the end of its log).
@@ -107,7 +108,9 @@ def run_trainer(data_dir: str, job_dir: str, side_flags: Sequence[str], log_file
         raise RuntimeError(f"trainer exited {result.returncode} (log {log_file}):\n{tail}")
     with open(os.path.join(job_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    return {"flags": trainer_flags, "seconds": seconds, "metrics": metrics}
+    with open(os.path.join(job_dir, "config.json")) as f:
+        config = json.load(f)  # The resolved config: the input side auto chose.
+    return {"flags": trainer_flags, "seconds": seconds, "metrics": metrics, "config": config}
 
 
 def multi_label_side(mosaic_set: mosaics.MosaicSet, work_dir: str) -> Dict:

@@ -70,7 +70,7 @@ def multi_label_result(run: Dict) -> Dict:
         "validation_micro_f1": metrics.get("validation", {}).get("micro_f1"),
         "per_class": _per_class(test, sorted(thresholds) or ["cat", "dog"]),
         "thresholds": thresholds,
-        "image_size": metrics.get("config", {}).get("image_size"),
+        "image_size": run["config"].get("image_size"),
     }
 
 
@@ -85,6 +85,7 @@ def single_label_result(run: Dict, mosaic_set: mosaics.MosaicSet) -> Dict:
         "test_count": metrics["test"].get("count"),
         "test_photos": {c: len(p) for c, p in photos.items()},
         "validation_accuracy": metrics.get("validation", {}).get("accuracy"),
+        "image_size": run["config"].get("image_size"),
     }
 
 

@@ -121,6 +121,7 @@ def _multilabel(results):
     assert multi["test"]["count"] == 8
     assert all(multi["test"][key] is not None for key in (
         "micro_f1", "macro_f1", "mean_average_precision", "exact_match", "hamming_loss"))
+    assert multi["image_size"] == reference["image_size"] == 32
     assert set(multi["thresholds"]) == {"cat", "dog"}
     assert all(0 <= t <= 1 for t in multi["thresholds"].values())
 
