@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import multilabel_data
 from conftest import tiny_config
+from trainer import artifacts
 from trainer import cluster
 from trainer import evaluate
 from trainer import export
@@ -71,6 +72,8 @@ def test_a_short_run_learns_above_the_label_frequency_baseline(multilabel_job, i
     for split in ("validation", "test"):
         assert set(KEYS) <= set(metrics[split])
         assert metrics[split]["micro_f1"] >= bar, (split, metrics[split]["micro_f1"], bar)
+    # What a tuning study can maximise (--hypertune_metric reads the epoch logs).
+    assert {"val_micro_f1", "val_mean_average_precision"} <= set(metrics["history"])
     per_class = metrics["test"]["per_class"]
     assert set(per_class) == set(multilabel_data.CLASSES)
     assert {"precision", "recall", "f1", "average_precision", "threshold"} <= set(
@@ -152,14 +155,22 @@ def test_tensorboard_has_a_pr_curve_per_class(multilabel_job):
     assert {"test/micro_f1", "test/mean_average_precision"} <= tags
 
 
-def test_tflite_float_model_gives_the_savedmodels_labels(multilabel_job, import_file):
-    """The multi-label export converts; its TFLite runtime's thresholded labels agree."""
-    config, _ = multilabel_job
+def test_tflite_float_model_gives_the_savedmodels_labels(multilabel_job, import_file,
+                                                         tmp_path):
+    """The multi-label export converts; its TFLite runtime's thresholded labels agree,
+    and trainer/artifacts.py measures it on those labels."""
+    config, metrics = multilabel_job
     model_dir = export.resolve_model_dir(config.model_dir)
     test = pipeline.describe(import_file).with_task(True).splits["test"]
     images = np.concatenate([x.numpy() for x, _ in pipeline.make_dataset(
         test, 32, 64, training=False, cache="none")]).astype(np.float32)
-    scores = tflite.classify(tflite.convert(model_dir, tflite.FLOAT), images)
+    path = tmp_path / "model_float.tflite"
+    path.write_bytes(tflite.convert(model_dir, tflite.FLOAT))
+    scores = tflite.classify(str(path), images)
+    measured = artifacts.measure(model_dir, {"tflite_float": str(path)}, test, 32)["artifacts"]
+    assert measured["saved_model"]["micro_f1"] == pytest.approx(metrics["test"]["micro_f1"])
+    assert measured["tflite_float"]["agreement"] >= 0.95
+    assert measured["tflite_float"]["label_agreement"] >= 0.99
     reference = tf.saved_model.load(model_dir).signatures["serving_images"](
         images=tf.constant(images))["scores"].numpy()
     thresholds = tf.saved_model.load(model_dir).thresholds.numpy()

@@ -1,5 +1,7 @@
 """The multi-label pieces on hand-computed values: thresholds, metrics, loss, caches, keys."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -80,3 +82,25 @@ def test_the_cache_key_covers_the_labels_form(tmp_path):
     other = pipeline.Split("train", 1, (str(path),), (0,), label_sets=((0,),), multi_hot=2)
     digests = {cache_key.listing_digest(s) for s in (single, k_hot, other)}
     assert len(digests) == 3
+
+
+def test_the_export_returns_the_labels_at_or_above_each_classs_threshold(tmp_path):
+    """A model of known scores (0.4, 0.6, 0.9 on every image) and thresholds between
+    them: labels are the classes at or above their own threshold, best first."""
+    from trainer import export
+    from trainer import model as model_lib
+
+    model = model_lib.create_model("demo_cnn", 3, 32, 0.0, augment=False, multi_label=True)
+    logits = model.get_layer(model_lib.LOGITS_LAYER)
+    kernel, _ = logits.get_weights()
+    scores = np.array([0.4, 0.6, 0.9], np.float32)
+    logits.set_weights([np.zeros_like(kernel), np.log(scores / (1 - scores))])
+    folder = export.stage_model(model, ["a", "b", "c"], 32, str(tmp_path / "m"),
+                                thresholds=[0.3, 0.7, 0.5])
+    outputs = tf.saved_model.load(folder).signatures["serving_images"](
+        images=tf.zeros([2, 32, 32, 3]))
+    assert outputs["labels"].numpy().tolist() == [[b"c", b"a", b""]] * 2
+    assert outputs["label_count"].numpy().tolist() == [2, 2]
+    assert outputs["scores"].numpy() == pytest.approx(np.stack([scores] * 2), abs=1e-6)
+    assert json.load(open(f"{folder}/thresholds.json")) == pytest.approx(
+        {"a": 0.3, "b": 0.7, "c": 0.5})

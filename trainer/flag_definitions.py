@@ -110,7 +110,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "shuffle_buffer", 10000, "Shuffle buffer of the training set, in images.", **fv)
     flags.DEFINE_string(
         "hypertune_metric", "",
-        "Epoch metric (e.g. val_accuracy) reported after every epoch to a Vertex "
+        "Epoch metric (e.g. val_accuracy; multi-label: val_micro_f1 or "
+        "val_mean_average_precision) reported after every epoch to a Vertex "
         "AI hyperparameter tuning job through cloudml-hypertune; must equal the "
         "study's metricId. Empty, or outside a tuning trial: nothing is reported.", **fv)
     flags.DEFINE_string(

@@ -81,12 +81,13 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
     # ---------------------------------------------------------------- Input
     data = pipeline.describe(config.data_dir, config.test_fraction, config.seed,
                              config.split_fractions, config.strict, config.flatten_nested)
-    config = config.replace(task=multi_label.resolve_task(
-        config.task, data.has_multi_label, config.data_dir))
-    data = data.with_task(config.task == multi_label.MULTI_LABEL)
+    task = multi_label.resolve_task(config.task, data.has_multi_label, config.data_dir)
+    data = data.with_task(task == multi_label.MULTI_LABEL)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     # Before any image is read: backups of another run must not resume into this one.
+    # (--task as given: what auto chooses follows the data, which counts on its own.)
     resume_guard.check(config, data, global_batch, info, strategy)
+    config = config.replace(task=task)  # config.json records the task trained.
     data = screen.screen(data, config.data_dir,
                          f"{config.job_dir}/{screen.REPORT}" if info.is_chief else "",
                          max_pixels=config.max_image_pixels)

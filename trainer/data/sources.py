@@ -19,7 +19,8 @@ they split alike, image for image. Accepted (local or gs://):
   (``LAYOUT_RECORDS``) and read by ``pipeline``.
 
 Without any test image, ``Options.test_fraction`` of each validation class is
-held out as test (the tutorial holds out a fifth of validation). Splits
+held out as test (the tutorial holds out a fifth of validation;
+trainer/data/splitting.py does the splitting). Splits
 depend on the seed and on the images alone: each split is ordered by (class,
 path) before any hold-out, so a folder and an import file listing the same
 images split identically.
@@ -34,15 +35,16 @@ an error naming it, unless ``Options.flatten_nested`` asks for their files.
 
 import collections
 import dataclasses
-import random
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
 
 from trainer.data import import_files
+from trainer.data import splitting
 
-SPLITS = ("train", "validation", "test")
+SPLITS = splitting.SPLITS
+held_out = splitting.held_out  # (kept, held-out) indices per label; pipeline uses it.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "validation",
                  "valid": "validation", "validation": "validation", "test": "test",
                  "testing": "test"}
@@ -244,7 +246,7 @@ def _list_folders(root: str, layout: str, options: Options) -> Listing:
             for path in _class_files(_join(folder, class_name), options.flatten_nested):
                 images.append(Image(path, split, class_name, path[len(root) + 1:]))
     class_names = tuple(sorted(classes))
-    images = _assign(images, class_names, options)
+    images = splitting.assign(images, class_names, options)
     if layout == LAYOUT_SPLITS:
         named = ", ".join(f"{n}/" + (f" (alias of {s})" if n != s else "")
                           for s, n in sorted(split_dirs.items(), key=lambda i: SPLITS.index(i[0])))
@@ -273,7 +275,7 @@ def _list_import_files(data: str, options: Options) -> Listing:
     images = [Image(r.uri, r.split, r.label, r.uri, r.where,
                     r.labels if len(r.labels) > 1 else ()) for r in rows]
     class_names = tuple(sorted({name for image in images for name in image.all_labels}))
-    images = _assign(images, class_names, options)
+    images = splitting.assign(images, class_names, options)
     images, class_names, untrained_rows = _drop_untrained(images, class_names)
     bad += untrained_rows
     if untrained_rows:  # A multi-label image may have a new first label: keep the order.
@@ -354,63 +356,6 @@ def _existing(rows: Sequence[import_files.Row]):
         else:
             bad.append(Problem(row.where, f"missing file {row.uri}"))
     return kept, bad
-
-
-# ---------------------------------------------------------------- Splitting
-
-
-def held_out(labels: Sequence[int], fraction: float, seed: int) -> Tuple[List[int], List[int]]:
-    """(kept, held-out) indices: ``fraction`` of each label's indices, rounded, by ``seed``."""
-    rng = random.Random(seed)
-    keep, hold = [], []
-    for label in sorted(set(labels)):
-        members = [i for i, y in enumerate(labels) if y == label]
-        rng.shuffle(members)
-        n_hold = int(round(len(members) * fraction))
-        hold += members[:n_hold]
-        keep += members[n_hold:]
-    return sorted(keep), sorted(hold)
-
-
-def _split_unassigned(images: Sequence[Image], fractions: Sequence[float],
-                      seed: int) -> List[Image]:
-    """Each class's unassigned images into train/validation/test by ``fractions``.
-
-    Per class, by a generator seeded with the seed and the class name, so that
-    adding a class leaves the others' splits alone.
-    """
-    by_class: Dict[str, List[Image]] = collections.defaultdict(list)
-    for image in images:
-        by_class[image.class_name].append(image)
-    result = []
-    for class_name, members in sorted(by_class.items()):
-        members = sorted(members, key=lambda i: i.path)
-        random.Random(f"{seed}/{class_name}").shuffle(members)
-        n_test = int(round(len(members) * fractions[2]))
-        n_validation = int(round(len(members) * fractions[1]))
-        for index, image in enumerate(members):
-            split = ("test" if index < n_test else
-                     "validation" if index < n_test + n_validation else "train")
-            result.append(dataclasses.replace(image, split=split))
-    return result
-
-
-def _assign(images: Sequence[Image], class_names: Sequence[str],
-            options: Options) -> List[Image]:
-    """Every image with a split, ordered by (split, class, path)."""
-    assigned = [i for i in images if i.split] + _split_unassigned(
-        [i for i in images if not i.split], options.split_fractions, options.seed)
-    index = {name: k for k, name in enumerate(class_names)}
-    assigned.sort(key=lambda i: (SPLITS.index(i.split), index[i.class_name], i.path))
-    if options.test_fraction > 0 and not any(i.split == "test" for i in assigned):
-        validation = [i for i in assigned if i.split == "validation"]
-        _, hold = held_out([index[i.class_name] for i in validation], options.test_fraction,
-                           options.seed)
-        test = {validation[k].path for k in hold}
-        assigned = [dataclasses.replace(i, split="test")
-                    if i.split == "validation" and i.path in test else i for i in assigned]
-        assigned.sort(key=lambda i: (SPLITS.index(i.split), index[i.class_name], i.path))
-    return assigned
 
 
 def _summary(what: str, class_names: Sequence[str], images: Iterable[Image],
