@@ -104,8 +104,11 @@ def listing_digest(split) -> str:
 
     Image files: each file's content hash and label, in listing order (the
     order the entry's records follow); paths are left out, so a moved copy
-    of the same data keeps its key. Prepared records: the manifest's bytes
-    and each shard's name and size.
+    of the same data keeps its key. The content hashes are the split's
+    ``digests`` when trainer/data/screen.py gave them for exactly these
+    paths (the bytes it read and checked moments before), else each file
+    is read and hashed here.
+    Prepared records: the manifest's bytes and each shard's name and size.
     """
     digest = hashlib.sha256(f"{split.name}|{split.count}|".encode())
     if split.is_records:
@@ -116,7 +119,9 @@ def listing_digest(split) -> str:
                           .encode())
         return digest.hexdigest()
     with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
-        hashes = pool.map(_file_digest, split.paths)
+        screened = tuple(p for p, _ in split.digests) == split.paths
+        hashes = ([d for _, d in split.digests] if screened
+                  else pool.map(_file_digest, split.paths))
         for content, label in zip(hashes, split.labels):
             digest.update(content + f"|{label}|".encode())
     return digest.hexdigest()

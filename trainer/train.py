@@ -84,7 +84,7 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
     resume_guard.check(config, data, global_batch, info, strategy)
     data = screen.screen(data, config.data_dir,
                          f"{config.job_dir}/{screen.REPORT}" if info.is_chief else "",
-                         max_pixels=config.max_image_pixels)
+                         max_pixels=config.max_image_pixels, memo_dir=config.cache_dir)
     class_weights = weighting.class_weights(data.splits["train"].labels, data.class_names,
                                             config.class_weighting)
     config = _choose_image_size(config, data.splits["train"])

@@ -57,6 +57,10 @@ class Split:
     labels: Tuple[int, ...] = ()
     shards: Tuple[str, ...] = ()
     manifest: str = ""  # Prepared records: the manifest.json they were listed from.
+    # (path, content SHA-256) of each file as trainer/data/screen.py read it, in
+    # listing order (empty: not screened); used only while it names ``paths`` exactly.
+    digests: Tuple[Tuple[str, bytes], ...] = dataclasses.field(default=(), compare=False,
+                                                                repr=False)
 
     @property
     def is_records(self) -> bool:
