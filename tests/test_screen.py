@@ -27,6 +27,7 @@ from trainer.data import pipeline
 from trainer.data import prepare as prepare_lib
 from trainer.data import records
 from trainer.data import screen
+from trainer.data import screen_memo
 
 JUNK = {  # name in train/circle -> a word of the reason it is skipped
     "README.txt": "not an image",
@@ -154,6 +155,9 @@ def test_a_memo_skips_decoding_only_files_found_usable_before(messy, tmp_path, m
     first, report = run("first.json")
     files = report["summary"]["files"]
     assert len(decoded) == files and report["summary"]["known_usable"] == 0
+    (memo_file,) = (tmp_path / "cache" / screen_memo.FOLDER).iterdir()
+    usable = files - len(JUNK) - len(CONVERTED)
+    assert 0 < memo_file.stat().st_size - 68 * usable < 200  # README: 68 bytes per image.
     second, report = run("second.json")
     assert len(decoded) == len(JUNK) + len(CONVERTED)  # Only what was not usable as it is.
     assert report["summary"]["known_usable"] == files - len(JUNK) - len(CONVERTED)
