@@ -5,7 +5,10 @@ Run (sizes chosen to fit the 2-core machine; see the results file):
     nice -n 10 python -m benchmarks.cache_scale \
         --data_dir=../shared/data/cats_and_dogs_filtered \
         --weights=../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 \
-        --sizes=500,1000,2000
+        --sizes=2000,10000 --side_by_side_rounds=0
+
+(the recorded run; ``--paths=spilled --sizes=40000`` measures one path at a
+size too large for the others on this machine).
 
 Train sets of each size are made from the train images by deterministic
 crops and flips, written as new JPEG files into a temporary folder (decode
