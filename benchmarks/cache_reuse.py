@@ -13,8 +13,10 @@ and all with one --cache_dir, on ``--train_images`` made from the train
 images as benchmarks/cache_scale.py makes them plus ``--validation`` real
 validation images, one epoch per phase. For each trial: seconds from its
 launch to its first phase-1 step (the log line just before phase 1's fit),
-of which the process's imports are a fixed part, and what its metrics.json
-says of each frozen output (computed or read). Target: trials 2-4 take
+of which the process's imports are a fixed part, what its metrics.json
+says of each frozen output (computed or read), and what its
+data_report.json says of the check of every image (its seconds, and how
+many files were known usable by content, not decoded again). Target: trials 2-4 take
 <= 0.2x trial 1's time before phase 1. Results go to
 benchmarks/results/cache_reuse.{json,md}.
 
@@ -99,8 +101,12 @@ def run_trial(index, values, common, folder):
     to_phase_one = (_seconds_of_day(*found.groups()) - start_of_day) % 86400
     with open(os.path.join(job_dir, "metrics.json")) as f:
         metrics = json.load(f)
+    with open(os.path.join(job_dir, "data_report.json")) as f:
+        screened = json.load(f)  # The check of every image: decoded, or known usable.
     return {"trial": index + 1, "parameters": values, "seconds_to_phase_one": to_phase_one,
             "seconds_total": total, "frozen_work": metrics["frozen_work"],
+            "check_seconds": screened["check_seconds"],
+            "known_usable": screened["summary"]["known_usable"],
             "val_accuracy": metrics["validation"]["accuracy"]}
 
 
@@ -148,13 +154,15 @@ def _write(rows, command, cache_bytes):
              "other, each a `python -m trainer.task` process (its imports included in the "
              "time to phase 1).", "",
              "| trial | learning_rate | dropout | fine_tune_at | s to first phase-1 step "
-             "| x trial 1 | pooled | frontier | flipped | total s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| x trial 1 | image check s (known usable) | pooled | frontier | flipped "
+             "| total s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, w = r["parameters"], r["frozen_work"]
         lines.append(
             f"| {r['trial']} | {p['learning_rate']:g} | {p['dropout']:g} | {p['fine_tune_at']} "
             f"| {r['seconds_to_phase_one']:.1f} | {r['seconds_to_phase_one'] / first:.2f} "
+            f"| {r['check_seconds']:.1f} ({r['known_usable']}) "
             f"| {w.get('pooled/original', '-')} | {w.get('frontier/original', '-')} "
             f"| {w.get('frontier/flipped', '-')} | {r['seconds_total']:.0f} |")
     lines += ["", f"Trials 2-{len(rows)}: at most **{max(ratios):.2f}x** trial 1's time "

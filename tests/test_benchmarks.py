@@ -96,6 +96,7 @@ def _cache_reuse(results):
     first, second = results["rounds"]
     assert set(first["frozen_work"].values()) == {"computed"}
     assert second["frozen_work"]["pooled/original"] == "read"
+    assert first["known_usable"] == 0 and second["known_usable"] == 24  # Not decoded again.
 
 
 def _multilabel(results):

@@ -20,7 +20,9 @@ from trainer import cluster
 from trainer import folding
 from trainer import frozen_work
 from trainer import model as model_lib
+from trainer import tflite
 from trainer.data import pipeline
+from trainer.data import screen
 
 BASE = dict(backbone="demo_cnn", image_size=32, fine_tune_at=5, seed=0, weights=None)
 
@@ -179,3 +181,20 @@ def test_key_ignores_flags_that_do_not_change_the_frozen_output(binary_dir, weig
     # epochs, batch size, optimizers) never reach FrozenWork's key at all.
     assert (_key(binary_dir, weights=weights_files[0]).digest
             == _key(binary_dir, weights=weights_files[0], dropout=0.5, seed=7).digest)
+
+
+def test_the_screened_content_hashes_give_the_key_of_the_files(binary_dir, tmp_path):
+    """The key takes the content hashes screen.py read instead of reading every file
+    again; only while they name the split's paths exactly."""
+    info = pipeline.describe(binary_dir)
+    screened = screen.screen(info, binary_dir, "", str(tmp_path / "converted"))
+    for name in ("train", "validation"):
+        assert len(screened.splits[name].digests) == info.splits[name].count
+        assert (cache_key.listing_digest(screened.splits[name])
+                == cache_key.listing_digest(info.splits[name]))
+    train = screened.splits["train"]
+    forged = dataclasses.replace(train, digests=tuple((p, bytes(32)) for p in train.paths))
+    assert cache_key.listing_digest(forged) != cache_key.listing_digest(train)  # Used...
+    sample = tflite.spread_sample(forged, 3)  # ...but not for a listing they do not name.
+    assert cache_key.listing_digest(sample) == cache_key.listing_digest(
+        dataclasses.replace(sample, digests=()))

@@ -142,3 +142,63 @@ def test_same_shapes_get_the_same_shards(tmp_path):
         entries.append(writer.publish())
     assert entries[0].shard_records("train") == entries[1].shard_records("train")
     np.testing.assert_array_equal(entries[0].arrays("train")[1], entries[1].arrays("train")[1])
+
+
+def test_arrays_read_into_memory_equal_the_streamed_records(tmp_path, monkeypatch):
+    """Entry.arrays (numpy, chunk by chunk) and Entry.batches (tf.data) read the same layout."""
+    monkeypatch.setattr(cache_store, "_READ_CHUNK", 1)  # A record per chunk: every boundary.
+    entry = _publish(tmp_path / "cache")  # Default SHARD_BYTES: all records in one shard.
+    assert len(entry.paths("train")) == 1
+    streamed = [b for path in entry.paths("train") for b in entry.batches(path)]
+    outputs, labels = entry.arrays("train")
+    for k, output in enumerate(outputs):
+        np.testing.assert_array_equal(
+            output.numpy(), np.concatenate([b[0][k].numpy() for b in streamed]))
+        assert output.dtype == streamed[0][0][k].dtype
+    np.testing.assert_array_equal(labels, np.concatenate([b[1].numpy() for b in streamed]))
+
+
+def _token_folders(root):
+    folder = f"{root}/{cache_writer.KEY.name}/{cache_writer.PART}"
+    return sorted(n.rstrip("/") for n in tf.io.gfile.listdir(folder))
+
+
+def test_a_killed_writers_shards_are_removed_when_old_never_a_live_writers(
+        root, one_record_per_shard):
+    process = _writer(root, "hang_in_shards")
+    assert process.stdout.readline().strip() == "WRITING"
+    try:
+        (live,) = _token_folders(root)
+        # Alive and writing: neither a reader nor a writer of the part removes its shards.
+        assert _store(root).lookup(cache_writer.KEY, cache_writer.PART) is None
+        cache_store.Store(root, orphan_age_s=3600).writer(cache_writer.KEY,
+                                                          cache_writer.PART).abort()
+        assert live in _token_folders(root)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # Dead: kept while younger than the age, removed by the next reader once older.
+    assert _store(root).remove_orphans(cache_writer.KEY, cache_writer.PART) == 0
+    assert live in _token_folders(root)
+    entry = _publish(root)
+    aged = cache_store.Store(root, orphan_age_s=0)  # Everything unpublished counts as old.
+    assert aged.lookup(cache_writer.KEY, cache_writer.PART) is not None
+    assert _token_folders(root) == [entry.manifest["writer"]]  # The published shards stay.
+    assert cache_writer.matches(aged.lookup(cache_writer.KEY, cache_writer.PART))
+
+
+def test_an_old_temporary_manifest_is_removed_by_the_next_writer(tmp_path):
+    root = tmp_path / "cache"
+    process = _writer(root, "hang_before_link")
+    assert process.stdout.readline().strip() == "LINKING"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    folder = root / cache_writer.KEY.name
+    (temporary,) = [p for p in folder.iterdir() if ".tmp-" in p.name]
+    (shards,) = (folder / cache_writer.PART).iterdir()
+    day_ago = os.path.getmtime(temporary) - 2 * 24 * 3600
+    for path in [temporary, shards, *shards.iterdir()]:
+        os.utime(path, (day_ago, day_ago))
+    writer = _store(root).writer(cache_writer.KEY, cache_writer.PART)  # The default age.
+    assert not temporary.exists() and not shards.exists()
+    writer.abort()

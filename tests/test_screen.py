@@ -8,6 +8,7 @@ path, and must feed the second kind to the model exactly as prepare's
 records do.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -21,10 +22,12 @@ import tensorflow as tf
 from trainer import cluster
 from trainer import train
 from trainer.data import demo as demo_data
+from trainer.data import images
 from trainer.data import pipeline
 from trainer.data import prepare as prepare_lib
 from trainer.data import records
 from trainer.data import screen
+from trainer.data import screen_memo
 
 JUNK = {  # name in train/circle -> a word of the reason it is skipped
     "README.txt": "not an image",
@@ -130,3 +133,44 @@ def test_records_pass_through_unchanged(binary_dir, tmp_path):
     info = pipeline.describe(str(tmp_path / "p"))
     assert screen.screen(info, str(tmp_path / "p"), str(tmp_path / "r.json")) is info
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_memo_skips_decoding_only_files_found_usable_before(messy, tmp_path, monkeypatch):
+    """With --cache_dir, a rerun decodes only files not known usable by content: bad files
+    are reported every time, and a usable file edited since is judged afresh."""
+    data = shutil.copytree(messy, tmp_path / "data")
+    decoded = []
+    check = images.check_image
+    monkeypatch.setattr(images, "check_image",
+                        lambda content, **kw: decoded.append(content) or check(content, **kw))
+    converted, memo = str(tmp_path / "converted"), str(tmp_path / "cache")
+
+    def run(name):
+        decoded.clear()
+        screened = screen.screen(pipeline.describe(str(data)), str(data),
+                                 str(tmp_path / name), converted, memo_dir=memo)
+        with open(tmp_path / name) as f:
+            return screened, json.load(f)
+
+    first, report = run("first.json")
+    files = report["summary"]["files"]
+    assert len(decoded) == files and report["summary"]["known_usable"] == 0
+    (memo_file,) = (tmp_path / "cache" / screen_memo.FOLDER).iterdir()
+    usable = files - len(JUNK) - len(CONVERTED)
+    assert 0 < memo_file.stat().st_size - 68 * usable < 200  # README: 68 bytes per image.
+    second, report = run("second.json")
+    assert len(decoded) == len(JUNK) + len(CONVERTED)  # Only what was not usable as it is.
+    assert report["summary"]["known_usable"] == files - len(JUNK) - len(CONVERTED)
+    assert {os.path.basename(e["path"]) for e in report["skipped"]} == set(JUNK)
+    assert {os.path.basename(e["path"]) for e in report["converted"]} == set(CONVERTED)
+    assert second.splits == first.splits
+    for path, digest in second.splits["train"].digests:  # What training reads, by content.
+        with open(path, "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == digest
+    # A usable file cut short since: its bytes are not the remembered ones.
+    square = data / "train" / "square"
+    victim = sorted(square.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    third, report = run("third.json")
+    assert str(victim) in {e["path"] for e in report["skipped"]}
+    assert str(victim) not in third.splits["train"].paths

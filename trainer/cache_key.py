@@ -105,8 +105,11 @@ def listing_digest(split) -> str:
 
     Image files: each file's content hash and label, in listing order (the
     order the entry's records follow); paths are left out, so a moved copy
-    of the same data keeps its key. Prepared records: the manifest's bytes
-    and each shard's name and size.
+    of the same data keeps its key. The content hashes are the split's
+    ``digests`` when trainer/data/screen.py gave them for exactly these
+    paths (the bytes it read and checked moments before), else each file
+    is read and hashed here.
+    Prepared records: the manifest's bytes and each shard's name and size.
     """
     digest = hashlib.sha256(f"{split.name}|{split.count}|".encode())
     if split.multi_hot:  # The stored labels' form; single-label keys stay as they were.
@@ -119,7 +122,9 @@ def listing_digest(split) -> str:
                           .encode())
         return digest.hexdigest()
     with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
-        hashes = pool.map(_file_digest, split.paths)
+        screened = tuple(p for p, _ in split.digests) == split.paths
+        hashes = ([d for _, d in split.digests] if screened
+                  else pool.map(_file_digest, split.paths))
         labels = (split.label_sets or split.labels) if split.multi_hot else split.labels
         for content, label in zip(hashes, labels):
             digest.update(content + f"|{label}|".encode())

@@ -27,8 +27,10 @@ manifest is what makes a part exist, and it names only shards that were
 complete (with their sizes, checked on every read). So a writer killed
 mid-write leaves shards nobody reads; of two writers filling one key at
 once, the first to create the manifest wins and the other removes its own
-shards and reads the winner's. A killed writer's shards stay until the
-folder is cleared (they are never read).
+shards and reads the winner's. A killed writer's shards are never read;
+the next reader or writer of the same part removes them once nothing was
+written to them for a day (trainer/cache_cleanup.py), never a live
+writer's or the published ones.
 """
 
 import functools
@@ -42,10 +44,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import cache_cleanup
 from trainer import cache_key
 
 SHARD_BYTES = 128 * 2**20
 _READ_BUFFER = 8 * 2**20
+_READ_CHUNK = 64 * 2**20  # Record bytes cut apart at once when reading into memory.
 Spec = Tuple[Tuple[int, ...], str]  # (shape of one image's output, dtype name)
 
 
@@ -96,14 +100,58 @@ class Entry:
             self.parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def arrays(self, split: str) -> Tuple[Tuple[tf.Tensor, ...], np.ndarray]:
-        """A split's outputs joined into tensors, and its labels (for memory)."""
-        parts, labels = [[] for _ in self.specs], []
-        for path in self.paths(split):
-            for outputs, batch_labels in self.batches(path):
-                for part, output in zip(parts, outputs):
-                    part.append(output)
-                labels.append(batch_labels.numpy())
-        return tuple(tf.concat(p, axis=0) for p in parts), np.concatenate(labels)
+        """A split's outputs as tensors, and its labels (for memory).
+
+        The records are read a chunk of about ``_READ_CHUNK`` bytes at a
+        time and cut apart with numpy straight into arrays of the split's
+        size (no per-batch eager ``tf.data`` steps, no traced parse: a
+        tuning trial's read of its pooled entry is a fixed cost before
+        phase 1). Each array then becomes a tensor and is dropped, so the
+        peak is about twice the outputs, as when joining batches.
+        """
+        count = self.count(split)
+        outputs = [np.empty((count, *shape), dtype) for shape, dtype in self.specs]
+        labels = np.empty((count, *self.labels_shape), self.labels_dtype)
+        filled = 0
+        for path, shard in zip(self.paths(split), self.manifest["splits"][split]["shards"]):
+            per_chunk = max(1, _READ_CHUNK * shard["records"] // max(1, shard["bytes"]))
+            for chunk in tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).batch(
+                    per_chunk):
+                for record in chunk.numpy():
+                    pieces, batch_labels = self.split_bytes(record)
+                    end = filled + len(batch_labels)
+                    if end > count:
+                        raise RuntimeError(f"Cache entry {self.folder}: more {split} records "
+                                           f"than its manifest's {count}.")
+                    for output, piece in zip(outputs, pieces):
+                        output[filled:end] = piece
+                    labels[filled:end] = batch_labels
+                    filled = end
+        if filled != count:
+            raise RuntimeError(f"Cache entry {self.folder}: {filled} {split} records, its "
+                               f"manifest says {count}.")
+        tensors = []
+        while outputs:  # One array at a time: each is freed once it is a tensor.
+            tensors.append(tf.convert_to_tensor(outputs.pop(0)))
+        return tuple(tensors), labels
+
+    def split_bytes(self, record: bytes) -> Tuple[List[np.ndarray], np.ndarray]:
+        """One record's bytes -> (each output [batch, ...], labels [batch, *labels_shape]),
+        numpy views: the layout ``parse`` reads in TensorFlow."""
+        data = np.frombuffer(record, np.uint8)
+        sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self.specs]
+        label_size = np.dtype(self.labels_dtype).itemsize * int(np.prod(self.labels_shape))
+        batch, remainder = divmod(len(data), sum(sizes) + label_size)
+        if remainder:
+            raise RuntimeError(f"Cache entry {self.folder}: a record of {len(data)} bytes "
+                               "is not a whole batch of its outputs.")
+        pieces, start = [], 0
+        for (shape, dtype), size in zip(self.specs, sizes):
+            pieces.append(data[start * batch:(start + size) * batch].view(dtype)
+                          .reshape(batch, *shape))
+            start += size
+        return pieces, data[start * batch:].view(self.labels_dtype).reshape(
+            batch, *self.labels_shape)
 
     def bytes_per_image(self) -> int:
         """Bytes of one image's outputs in this entry (the records add labels and framing)."""
@@ -123,6 +171,7 @@ class Writer:
         self._specs: Optional[List[Spec]] = None
         self._labels_dtype = None
         self._labels_shape = ()
+        store.remove_orphans(key, part)
         tf.io.gfile.makedirs(self._shard_folder)
 
     def add(self, split: str, outputs: Sequence, labels: np.ndarray) -> None:
@@ -198,10 +247,26 @@ class Writer:
 
 
 class Store:
-    """Entries under ``root`` (local or gs://)."""
+    """Entries under ``root`` (local or gs://).
 
-    def __init__(self, root: str):
+    ``orphan_age_s``: a crashed writer's shards untouched this long are
+    removed by the next lookup or writer of their part.
+    """
+
+    def __init__(self, root: str, orphan_age_s: float = cache_cleanup.ORPHAN_AGE_S):
         self.root = root.rstrip("/")
+        self.orphan_age_s = orphan_age_s
+
+    def remove_orphans(self, key: cache_key.CacheKey, part: str) -> int:
+        """Removes crashed writers' leftovers of ``key``'s ``part`` (cache_cleanup.py)."""
+        folder = posixpath.join(self.root, key.name)
+        return self._clean(folder, part, _read_manifest(posixpath.join(folder, f"{part}.json")))
+
+    def _clean(self, folder: str, part: str, manifest) -> int:
+        if manifest is _UNREADABLE or (manifest is not None and not isinstance(manifest, dict)):
+            return 0  # Which shards are published is unknown: nothing is removed.
+        return cache_cleanup.remove_orphans(folder, part, manifest and manifest.get("writer"),
+                                            self.orphan_age_s)
 
     def lookup(self, key: cache_key.CacheKey, part: str) -> Optional[Entry]:
         """The published part of ``key``'s entry, or None.
@@ -212,13 +277,9 @@ class Store:
         """
         folder = posixpath.join(self.root, key.name)
         path = posixpath.join(folder, f"{part}.json")
-        if not tf.io.gfile.exists(path):
-            return None
-        try:
-            with tf.io.gfile.GFile(path) as f:
-                manifest = json.load(f)
-        except (ValueError, tf.errors.OpError) as e:
-            logging.warning("Cache entry %s unreadable (%s): computing instead.", path, e)
+        manifest = _read_manifest(path)
+        self._clean(folder, part, manifest)
+        if not isinstance(manifest, dict):
             return None
         if _canonical(manifest.get("key")) != _canonical(key.fields()):
             logging.warning("Cache entry %s belongs to another key: computing instead.", path)
@@ -235,6 +296,21 @@ class Store:
 
     def writer(self, key: cache_key.CacheKey, part: str) -> Writer:
         return Writer(self, key, part)
+
+
+_UNREADABLE = object()
+
+
+def _read_manifest(path: str):
+    """A part's manifest; None when there is none, _UNREADABLE when it cannot be parsed."""
+    try:
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f)
+    except (ValueError, tf.errors.OpError) as e:
+        logging.warning("Cache entry %s unreadable (%s): computing instead.", path, e)
+        return _UNREADABLE
 
 
 def _create_once(path: str, data: bytes, token: str) -> bool:

@@ -90,7 +90,7 @@ def _train_and_evaluate(config: config_lib.Config, strategy: tf.distribute.Strat
     config = config.replace(task=task)  # config.json records the task trained.
     data = screen.screen(data, config.data_dir,
                          f"{config.job_dir}/{screen.REPORT}" if info.is_chief else "",
-                         max_pixels=config.max_image_pixels)
+                         max_pixels=config.max_image_pixels, memo_dir=config.cache_dir)
     # Multi-label: balanced weighting weighs each class's positives in the loss instead.
     positive_weights = (multi_label.positive_weights(data, config.class_weighting)
                         if data.multi_label else None)

@@ -66,6 +66,10 @@ class Split:
     # Every label of each image (image files); labels holds the first of each.
     label_sets: Tuple[Tuple[int, ...], ...] = ()
     multi_hot: int = 0  # Labels as k-hot vectors of this many classes; 0: class indices.
+    # (path, content SHA-256) of each file as trainer/data/screen.py read it, in
+    # listing order (empty: not screened); used only while it names ``paths`` exactly.
+    digests: Tuple[Tuple[str, bytes], ...] = dataclasses.field(default=(), compare=False,
+                                                                repr=False)
 
     @property
     def is_records(self) -> bool:
@@ -77,7 +81,8 @@ class Split:
             self, name=name or self.name, count=len(indices),
             paths=tuple(self.paths[i] for i in indices),
             labels=tuple(self.labels[i] for i in indices),
-            label_sets=tuple(self.label_sets[i] for i in indices) if self.label_sets else ())
+            label_sets=tuple(self.label_sets[i] for i in indices) if self.label_sets else (),
+            digests=())  # They named the whole split's paths (cache_key reads them so).
 
     def k_hot(self) -> np.ndarray:
         """float32 [count, multi_hot]: each image's labels (image files)."""
