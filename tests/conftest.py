@@ -3,10 +3,9 @@
 TensorFlow is configured once here, before any test touches it: the CPU is
 split into two logical devices so MirroredStrategy can run two replicas.
 
-The suite runs on two pytest-xdist workers (pytest.ini). Tests that share a
-costly module- or session-scoped fixture (a trained job, a fault table) are
-kept on one worker, so each such fixture is still built once per run
-(``pytest_collection_modifyitems`` below).
+The suite runs on two pytest-xdist workers (pytest.ini); tests/scheduling.py
+keeps tests that share a costly fixture on one worker and sends the costliest
+work first. tests/fault_table.py gathers test_faults.py's table.
 """
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -24,46 +23,13 @@ from trainer.data import demo as demo_data
 
 import learnable  # tests/learnable.py
 
+pytest_plugins = ("scheduling", "fault_table")  # tests/scheduling.py, tests/fault_table.py
+
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 TINY_SIZE = 32
-
-# Module- and session-scoped fixtures cheap enough (generated files, an
-# emulator start, a weights file) to build once on each xdist worker that
-# needs them; tests sharing any other such fixture are sent to the same worker.
-CHEAP_SHARED_FIXTURES = {"shapes_dir", "binary_dir", "colour_dir", "gcs", "imbalanced_dir",
-                         "dockerfile", "folders", "messy", "random_statistics_weights"}
-
-
-@pytest.hookimpl(tryfirst=True)  # Before xdist reads the xdist_group marks.
-def pytest_collection_modifyitems(config, items):
-    """Marks tests that share a costly module/session fixture with one xdist_group."""
-    parent = {}
-
-    def find(key):
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    shared = {}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        for name in (info.names_closure if info else ()):
-            defs = info.name2fixturedefs.get(name)
-            module = getattr(defs[-1].func, "__module__", "") if defs else ""
-            if (not defs or defs[-1].scope not in ("module", "session")
-                    or name in CHEAP_SHARED_FIXTURES
-                    or not module.startswith(("conftest", "test_"))):  # Ours, not pytest's.
-                continue
-            key = f"{module}.{name}"
-            shared.setdefault(item.nodeid, []).append(key)
-            parent[find(key)] = find(shared[item.nodeid][0])
-    for item in items:
-        if item.nodeid in shared:
-            group = find(shared[item.nodeid][0])
-            item.add_marker(pytest.mark.xdist_group(group.replace(".", "_")))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ without an ``Authorization`` header (it logs "All attempts to get a Google
 authentication bearer token failed, returning an empty token"); Cloud
 Storage answers 401 for a private bucket. With credentials that lack the
 permission it answers 403. fake-gcs-server accepts anonymous requests, so
-this stands in for those answers: the TLS proxy of ``gcs_emulator.py`` (its
+this stands in for those answers: the TLS proxy of ``gcs_proxy.py`` (the emulator's
 throwaway CA, so TF's own curl reaches it through ``HTTPS_PROXY`` exactly as
 it reaches the emulator) in front of a server that answers 401 without a
 bearer token and 403 with one, with Cloud Storage's JSON error bodies.
@@ -17,6 +17,7 @@ import threading
 from typing import Dict
 
 import gcs_emulator  # tests/gcs_emulator.py
+import gcs_proxy  # tests/gcs_proxy.py
 
 _ANONYMOUS = ("Anonymous caller does not have storage.objects.get access to the Google Cloud "
               "Storage object. Permission 'storage.objects.get' denied on resource (or it may "
@@ -53,9 +54,9 @@ class RefusingGcs:
     def __enter__(self) -> "RefusingGcs":
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        certificates = gcs_emulator._certificates()
-        self.proxy_port = gcs_emulator._listen(certificates["cert"], certificates["key"],
-                                               self._server.server_address[1], 0.0, False)
+        certificates = gcs_emulator.certificates()
+        self.proxy_port = gcs_proxy.listen(certificates["cert"], certificates["key"],
+                                            self._server.server_address[1], 0.0, False)
         return self
 
     def environ(self) -> Dict[str, str]:
@@ -64,7 +65,7 @@ class RefusingGcs:
         return {**gcs_emulator.TENSORFLOW_GCS_DEFAULTS, "HTTPS_PROXY": proxy,
                 "https_proxy": proxy, "NO_PROXY": "127.0.0.1,localhost",
                 "no_proxy": "127.0.0.1,localhost",
-                "CURL_CA_BUNDLE": gcs_emulator._certificates()["ca"]}
+                "CURL_CA_BUNDLE": gcs_emulator.certificates()["ca"]}
 
     def __exit__(self, *exc) -> None:
         self._server.shutdown()

@@ -8,9 +8,10 @@ weights), so each epoch is 6 steps in both layouts; ``--v=1`` makes the
 was when it was killed and how many steps its restart redid.
 
 Each test records what happened as a row of the fault table (fault, outcome,
-steps redone, seconds until training moved again); the rows are printed at
-the end of the module (``pytest -s``) and written to the file named by
-``$FAULTS_TABLE`` when set. ``docs/faults.md`` holds the table of a real run.
+steps redone, seconds until training moved again) with the ``fault_row``
+fixture; the rows are printed at the end of the run and written to the file
+named by ``$FAULTS_TABLE`` when set (tests/fault_table.py), whichever xdist
+worker ran each test. ``docs/faults.md`` holds the table of a real run.
 """
 
 import os
@@ -28,7 +29,6 @@ from workers import Job
 STEPS = 6  # Per epoch: 24 train images, global batch 4.
 EVERY = 2  # --checkpoint_every_steps: docs/faults.md promises at most this many steps redone.
 WAIT = 180  # Seconds any one wait may take on a loaded 2-core machine.
-ROWS = []
 
 
 def _args(data_dir, job_dir, workers, **flags):
@@ -73,29 +73,10 @@ def _iterations(job_dir, phase):
     return optimizer_iterations(f"{job_dir}/checkpoints/phase{phase}")
 
 
-def _record(fault, outcome, redone, seconds):
-    ROWS.append((fault, outcome, redone, seconds))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fault_table():
-    """Prints (and with $FAULTS_TABLE, writes) the rows the tests recorded."""
-    yield
-    lines = ["| Fault | What happened | Steps redone | Time to resume (s) |",
-             "|---|---|---|---|"]
-    lines += [f"| {f} | {o} | {'–' if r is None else r} | {'–' if s is None else f'{s:.1f}'} |"
-              for f, o, r, s in ROWS]
-    table = "\n".join(lines)
-    print("\n" + table)
-    if os.environ.get("FAULTS_TABLE"):
-        with open(os.environ["FAULTS_TABLE"], "w") as f:
-            f.write(table + "\n")
-
-
 # ------------------------------------------------------------ Two workers
 
 
-def test_kill_both_workers_in_each_phase_resumes_and_finishes(binary_dir, tmp_path):
+def test_kill_both_workers_in_each_phase_resumes_and_finishes(fault_row, binary_dir, tmp_path):
     """Faults 1 and 2: kill -9 both workers mid-epoch, in phase 1 then phase 2."""
     job_dir = tmp_path / "job"
     args = _args(binary_dir, job_dir, 2)
@@ -118,7 +99,7 @@ def test_kill_both_workers_in_each_phase_resumes_and_finishes(binary_dir, tmp_pa
     assert resumed == [backed_up, backed_up] and STEPS < backed_up < 2 * STEPS
     assert min(_steps_done(second.chief, 1)) == backed_up + 1
     assert 0 <= killed_at - backed_up <= EVERY
-    _record("kill -9 both workers mid-epoch, phase 1; restart both",
+    fault_row("kill -9 both workers mid-epoch, phase 1; restart both",
             f"both resumed at step {backed_up} of 12", killed_at - backed_up,
             moved - second.started)
     killed_at = _last_step(second.chief, 2)
@@ -134,7 +115,7 @@ def test_kill_both_workers_in_each_phase_resumes_and_finishes(binary_dir, tmp_pa
     assert 0 <= killed_at - backed_up <= EVERY
     assert not _steps_done(third.chief, 1)
     assert "Epoch 3/3" in third.chief.output
-    _record("kill -9 both workers mid-epoch, phase 2; restart both",
+    fault_row("kill -9 both workers mid-epoch, phase 2; restart both",
             f"phase 2 resumed at step {backed_up} of 6, phase 1 not redone", killed_at - backed_up,
             moved - third.started)
 
@@ -147,7 +128,7 @@ def test_kill_both_workers_in_each_phase_resumes_and_finishes(binary_dir, tmp_pa
     assert sorted(p.name for p in job_dir.iterdir() if p.name.startswith("model")) == ["model"]
 
 
-def test_dead_worker_ends_the_other_quickly_and_both_resume(binary_dir, tmp_path):
+def test_dead_worker_ends_the_other_quickly_and_both_resume(fault_row, binary_dir, tmp_path):
     """Fault 3: kill -9 one worker; the other exits non-zero instead of hanging."""
     args = _args(binary_dir, tmp_path / "job", 2, restart_wait_seconds=3)
     log = str(tmp_path / "workers.log")
@@ -165,7 +146,7 @@ def test_dead_worker_ends_the_other_quickly_and_both_resume(binary_dir, tmp_path
     assert first.chief.matches(r"Giving up: peers .* not reachable within 3 s")
     assert ended < 45
     backed_up = max(step for step, _ in _backups(first.chief, 1))
-    _record("kill -9 one worker, not replaced",
+    fault_row("kill -9 one worker, not replaced",
             f"the other exited {code} after {ended:.1f} s (3 s of it waiting for the peer)",
             None, None)
 
@@ -175,12 +156,12 @@ def test_dead_worker_ends_the_other_quickly_and_both_resume(binary_dir, tmp_path
     assert resumed == [backed_up, backed_up]
     redone = _last_step(first.chief, 1) - backed_up
     assert 0 <= redone <= EVERY
-    _record("... then restart both", f"both resumed at step {backed_up}",
+    fault_row("... then restart both", f"both resumed at step {backed_up}",
             redone, moved - second.started)
 
 
 def test_preempted_or_killed_worker_rejoins_and_the_other_restarts_in_place(
-        binary_dir, tmp_path):
+        fault_row, binary_dir, tmp_path):
     """Fault 4 and in-place recovery: SIGTERM to one worker, then kill -9 of the chief.
 
     Each time the platform restarts only the lost worker (here: the test);
@@ -204,7 +185,7 @@ def test_preempted_or_killed_worker_rejoins_and_the_other_restarts_in_place(
         resumed = [_resumed_at(w, 1) for w in job.workers]
         moved = _first_step_after(job.chief, 1, preempted[0], survivor_lines)
         assert resumed == [preempted[0]] * 2
-        _record("SIGTERM to one worker (preemption notice); the platform restarts it",
+        fault_row("SIGTERM to one worker (preemption notice); the platform restarts it",
                 f"both backed up at step {preempted[0]}; it exited 143, the other restarted "
                 "in place; both resumed there", redone, moved - sent)
 
@@ -225,7 +206,7 @@ def test_preempted_or_killed_worker_rejoins_and_the_other_restarts_in_place(
         assert resumed == [backed_up] * 2
         assert 0 <= last - backed_up <= EVERY
         assert job.wait(WAIT) == [0, 0]
-    _record("kill -9 the chief; the platform restarts it 2 s later",
+    fault_row("kill -9 the chief; the platform restarts it 2 s later",
             f"the worker restarted in place; both resumed at step {backed_up}; job finished",
             last - backed_up, moved - killed)
 
@@ -257,7 +238,7 @@ def sigterm_job(binary_dir, tmp_path_factory):
     return job_dir, jobs, preempted
 
 
-def test_sigterm_in_each_phase_backs_up_and_resumes_there(sigterm_job):
+def test_sigterm_in_each_phase_backs_up_and_resumes_there(fault_row, sigterm_job):
     """Fault 6 (SIGTERM; kill -9 is in test_task.py): single worker, each phase."""
     job_dir, jobs, preempted = sigterm_job
     for phase, (stopped, resumed_job) in enumerate(zip(jobs, jobs[1:]), start=1):
@@ -268,7 +249,7 @@ def test_sigterm_in_each_phase_backs_up_and_resumes_there(sigterm_job):
         assert _resumed_at(resumed_job.chief, phase) == step
         assert min(_steps_done(resumed_job.chief, phase)) == step + 1
         moved = _first_step_after(resumed_job.chief, phase, step)
-        _record(f"one worker: SIGTERM in phase {phase}",
+        fault_row(f"one worker: SIGTERM in phase {phase}",
                 f"backed up at step {step}, exited 143; restart resumed there", 0,
                 moved - resumed_job.started)
     assert not _steps_done(jobs[2].chief, 1)
@@ -319,7 +300,7 @@ def _kill_inside_a_backup_write(args, backup_dir, log):
 
 
 def test_kill_mid_epoch_inside_a_checkpoint_write_resumes_from_the_previous_backup(
-        binary_dir, tmp_path):
+        fault_row, binary_dir, tmp_path):
     """Faults 5a and 7: one worker backing up every step, kill -9 inside a mid-epoch write.
 
     The kill is retried (a new job each time) until it lands inside the
@@ -357,13 +338,14 @@ def test_kill_mid_epoch_inside_a_checkpoint_write_resumes_from_the_previous_back
     assert redone == 1  # <= --checkpoint_every_steps (1 here)
     assert _iterations(job_dir, 1) == 2 * STEPS
     assert _iterations(job_dir, 2) == 1 * STEPS
-    _record(f"one worker, backups every step: kill -9 inside a mid-epoch checkpoint write "
+    fault_row(f"one worker, backups every step: kill -9 inside a mid-epoch checkpoint write "
             f"(ckpt-N_temp left; attempt {attempt + 1})",
             f"latest checkpoint whole (step {in_force}); restart resumed there, mid-epoch, "
             "and finished", redone, None)
 
 
-def test_kill_during_the_export_keeps_a_whole_model(sigterm_job, binary_dir, tmp_path):
+def test_kill_during_the_export_keeps_a_whole_model(fault_row, sigterm_job, binary_dir,
+                                                    tmp_path):
     """Fault 5b: SIGKILL as soon as the new version folder appears; a whole model serves.
 
     Re-running the finished job of ``sigterm_job`` restores both phases as
@@ -391,12 +373,12 @@ def test_kill_during_the_export_keeps_a_whole_model(sigterm_job, binary_dir, tmp
     loaded = tf.saved_model.load(served)
     out = loaded.signatures["serving_images"](images=tf.zeros([1, 32, 32, 3]))
     assert out["probabilities"].shape == (1, 2)
-    _record("kill -9 during the export (new version folder appearing)",
+    fault_row("kill -9 during the export (new version folder appearing)",
             f"model/ resolved to version {served.rsplit('/', 1)[1]}, whole, and served",
             None, None)
 
 
-def test_a_kill_between_the_export_renames_still_leaves_a_model(tmp_path):
+def test_a_kill_between_the_export_renames_still_leaves_a_model(fault_row, tmp_path):
     """Fault 5c: a kill between export's two renames leaves model.previous and no model.
 
     Too short a window to hit with a signal, so the test makes the state
@@ -420,7 +402,7 @@ def test_a_kill_between_the_export_renames_still_leaves_a_model(tmp_path):
         images=tf.zeros([1, 32, 32, 3]))
     assert bool(tf.reduce_all(tf.math.is_finite(outputs["probabilities"])))
     assert not (tmp_path / "model.previous").exists()
-    _record("old, unversioned layout: kill -9 between its export's two renames "
+    fault_row("old, unversioned layout: kill -9 between its export's two renames "
             "(state made by the test)",
             "next export restores model.previous first; model still serves", None, None)
 
@@ -428,7 +410,8 @@ def test_a_kill_between_the_export_renames_still_leaves_a_model(tmp_path):
 # ------------------------------------------------------------ Stuck peer
 
 
-def test_stuck_peer_ends_the_other_within_the_bound_and_both_resume(binary_dir, tmp_path):
+def test_stuck_peer_ends_the_other_within_the_bound_and_both_resume(fault_row, binary_dir,
+                                                                   tmp_path):
     """Fault 8: SIGSTOP one of two workers mid-phase (alive, port open, silent).
 
     TensorFlow would wait in the next all-reduce forever; the watchdog
@@ -473,7 +456,7 @@ def test_stuck_peer_ends_the_other_within_the_bound_and_both_resume(binary_dir, 
     assert 0 <= killed_at - backed_up <= EVERY
     assert _iterations(tmp_path / "job", 1) == 2 * STEPS
     assert _iterations(tmp_path / "job", 2) == 1 * STEPS
-    _record("SIGSTOP one worker mid-phase (alive but stuck); restart both",
+    fault_row("SIGSTOP one worker mid-phase (alive but stuck); restart both",
             f"the other exited {code} {detected:.1f} s after the stop, by {how}, "
             f"naming the frozen peer; both resumed at step {backed_up} and finished",
             killed_at - backed_up, moved - second.started)
