@@ -88,6 +88,20 @@ def _costliest_first(items, groups, durations):
     return [item for key in costly + cheap for item in units[key]]
 
 
+def pytest_collection_finish(session):
+    """On an xdist worker: fail at once if loadgroup ignored our groups (it did under
+    pytest 9 with xdist 3.8), instead of silently building each shared job twice."""
+    config = session.config
+    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):
+        return
+    lost = [item.nodeid for item in session.items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist's loadgroup did not group {len(lost)} tests (first: {lost[0]}); "
+            "check the pytest / pytest-xdist versions in setup.py's test extra.")
+
+
 def _read_durations(path):
     try:
         with open(path) as f:
