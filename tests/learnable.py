@@ -36,7 +36,12 @@ def _image(rgb, size: int, rng: random.Random) -> bytes:
     colour = tuple(int(np.clip(c + rng.gauss(0, 25), 0, 255)) for c in rgb)
     box = (cx - r, cy - r, cx + r, cy + r)
     (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, (size, size, 3))
+    return noisy_jpeg(image, 12, rng)
+
+
+def noisy_jpeg(image: Image.Image, sigma: float, rng: random.Random) -> bytes:
+    """``image`` with Gaussian pixel noise of ``sigma`` (seeded from ``rng``), as JPEG bytes."""
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, sigma, (*image.size[::-1], 3))
     pixels = np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)

@@ -9,7 +9,6 @@ writes the JPEGs and ``import.jsonl`` with ``classificationAnnotations`` and
 ``dataItemResourceLabels["aiplatform.googleapis.com/ml_use"]``.
 """
 
-import io
 import itertools
 import json
 import os
@@ -18,6 +17,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+import learnable
 
 CLASSES = {"blue": (40, 60, 210), "green": (40, 180, 40), "red": (200, 40, 40),
            "yellow": (220, 210, 40)}
@@ -41,11 +42,7 @@ def image(labels: Sequence[str], size: int, rng: random.Random) -> bytes:
         colour = tuple(int(np.clip(c + rng.gauss(0, 20), 0, 255)) for c in CLASSES[name])
         box = (cx - r, cy - r, cx + r, cy + r)
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 10, (size, size, 3))
-    pixels = np.clip(np.asarray(picture, np.float32) + noise, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return learnable.noisy_jpeg(picture, 10, rng)
 
 
 def rows(root: str, size: int = 32, seed: int = 0,
