@@ -85,6 +85,13 @@ def _exports(results):
     assert results["summary"]["int8_size_ratio_to_float32"] < 0.5
 
 
+def _export_format(results):
+    summary = results["summary"]
+    # Speed-independent: the same network answers alike, and the files are smaller.
+    assert summary["max_probability_difference"] == 0.0
+    assert summary["size_mb"]["ratio"] < 1
+
+
 def _cache_scale(results):
     rows = {row["path"]: row for row in results["rounds"]}
     assert set(rows) == {"memory", "spilled", "fallback", "side_by_side"}
@@ -135,6 +142,7 @@ SMOKES = [
     Smoke("phase2_throughput", "out_dir", _phase2_throughput),
     Smoke("tutorial_recipe", "out_dir", _tutorial_recipe),
     Smoke("exports", "out_dir", _exports),
+    Smoke("export_format", "out_dir", _export_format),
     Smoke("cache_scale", "out_dir", _cache_scale),
     Smoke("cache_reuse", "out_dir", _cache_reuse),
     Smoke("multilabel", "out_dir", _multilabel),

@@ -65,7 +65,7 @@ BACKBONE_WEIGHTS_FILE = "backbone.h5"
 SAVED_MODEL_FILE = "saved_model.pb"
 
 
-class _Serving(tf.Module):
+class Serving(tf.Module):
     """The classifier with its class names and input decoding."""
 
     def __init__(self, model: keras.Model, class_names: Sequence[str], image_size: int,
@@ -160,11 +160,7 @@ def export_model(model: keras.Model, class_names: Sequence[str], image_size: int
 def stage_model(model: keras.Model, class_names: Sequence[str], image_size: int,
                 folder: str, thresholds: Optional[Sequence[float]] = None) -> str:
     """Writes the serving SavedModel and its files to a local ``folder``, checked to load."""
-    serving = _Serving(model, class_names, image_size, thresholds)
-    tf.saved_model.save(serving, folder, signatures={
-        "serving_default": serving.serve_bytes,
-        "serving_images": serving.serve_images,
-    })
+    save_serving(Serving(model, class_names, image_size, thresholds), folder)
     with tf.io.gfile.GFile(f"{folder}/{CLASS_NAMES_FILE}", "w") as f:
         json.dump(list(class_names), f)
     if thresholds is not None:
@@ -172,6 +168,14 @@ def stage_model(model: keras.Model, class_names: Sequence[str], image_size: int,
     save_backbone_weights(model, f"{folder}/{BACKBONE_WEIGHTS_FILE}")
     _check_loads(folder, image_size)
     return folder
+
+
+def save_serving(serving: tf.Module, folder: str) -> None:
+    """``tf.saved_model.save`` of a serving module with its two signatures."""
+    tf.saved_model.save(serving, folder, signatures={
+        "serving_default": serving.serve_bytes,
+        "serving_images": serving.serve_images,
+    })
 
 
 def publish(staged: str, model_dir: str) -> str:
