@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 import cache_writer  # tests/cache_writer.py
+from trainer import cache_cleanup
 from trainer import cache_store
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -202,3 +203,33 @@ def test_an_old_temporary_manifest_is_removed_by_the_next_writer(tmp_path):
     writer = _store(root).writer(cache_writer.KEY, cache_writer.PART)  # The default age.
     assert not temporary.exists() and not shards.exists()
     writer.abort()
+
+
+def test_a_killed_jobs_scratch_folder_is_removed_by_the_next_job_on_the_host(tmp_path):
+    """A job without --cache_dir spills to a scratch folder of its own; kill -9 leaves it,
+    and the next job's scratch_folder() removes it, never a live process's or another
+    host's."""
+    parent = str(tmp_path)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from trainer import cache_cleanup; "
+         f"print(cache_cleanup.scratch_folder({parent!r}), flush=True); time.sleep(600)"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stdout=subprocess.PIPE, text=True)
+    dead_folder = killed.stdout.readline().strip()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    with open(os.path.join(dead_folder, "shard-0"), "wb") as f:
+        f.write(b"spilled")
+    mine = cache_cleanup.scratch_folder(parent)  # This process is alive.
+    other_host = tmp_path / f"{cache_cleanup.SCRATCH_PREFIX}elsewhere_{killed.pid}_x1"
+    unrelated = tmp_path / "frozen_work_notes"
+    other_host.mkdir()
+    unrelated.mkdir()
+
+    newest = cache_cleanup.scratch_folder(parent)
+
+    assert not os.path.exists(dead_folder)
+    assert sorted(os.listdir(parent)) == sorted(
+        os.path.basename(p) for p in (mine, newest, other_host, unrelated))
+    assert os.path.basename(newest).startswith(
+        f"{cache_cleanup.SCRATCH_PREFIX}{cache_cleanup._host()}_{os.getpid()}_")

@@ -15,11 +15,23 @@ same part removes such leftovers (``remove_orphans``) when
   frozen outputs), and its folder is as new as its last shard, so it is
   never taken for a dead one while it writes.
 
+A job without ``--cache_dir`` spills to a scratch folder of its own on
+local disk, removed when the job ends; a job killed (kill -9, out of
+memory) leaves it. ``scratch_folder`` names each scratch folder after its
+host and process, and first removes the folders of this host whose process
+is gone (``remove_dead_scratch``); a folder of a live process, of another
+host, or not named so is left alone.
+
 A removal that races another cleaner (the folder already gone) is fine;
 one that fails otherwise is a warning: the leftovers are only space.
 """
 
+import os
 import posixpath
+import re
+import shutil
+import socket
+import tempfile
 import time
 from typing import Iterable, Optional
 
@@ -93,4 +105,58 @@ def _remove(path: str, remove) -> bool:
     except tf.errors.OpError as e:
         logging.warning("Cache: could not remove the leftover %s: %s", path, e)
         return False
+    return True
+
+
+SCRATCH_PREFIX = "frozen_work_"
+
+
+def scratch_folder(parent: str = "") -> str:
+    """A new scratch folder under ``parent`` ("": the system's temporary folder), named
+    ``frozen_work_<host>_<pid>_...``, after removing those of dead processes of this host."""
+    parent = parent or tempfile.gettempdir()
+    remove_dead_scratch(parent)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_host()}_{os.getpid()}_", dir=parent)
+
+
+def remove_dead_scratch(parent: str) -> int:
+    """Removes the scratch folders under ``parent`` of this host's processes that are gone.
+
+    Returns:
+      How many were removed.
+    """
+    # <prefix><host>_<pid>_<mkdtemp's random part, which may hold "_">
+    pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}([^_]+)_(\d+)_.+$")
+    removed = 0
+    for name in (os.listdir(parent) if os.path.isdir(parent) else ()):
+        match = pattern.match(name)
+        if not match or match.group(1) != _host() or _alive(int(match.group(2))):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            continue  # Another job's cleanup was first.
+        except OSError as e:
+            logging.warning("Cache: could not remove the dead job's scratch folder %s: %s",
+                            path, e)
+            continue
+        logging.info("Cache: removed %s, the spill folder of a job that ended without "
+                     "removing it (process %s is gone).", path, match.group(2))
+        removed += 1
+    return removed
+
+
+def _host() -> str:
+    """This host's name, as scratch folder names hold it (no "_", which separates fields)."""
+    return socket.gethostname().replace("_", "-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Another user's process: alive.
     return True

@@ -9,7 +9,8 @@ frozen outputs (trainer/features.py computes them):
   batch in memory at a time) and streamed back every epoch through
   ``tf.data`` (trainer/frozen_data.py): no cliff, phase 2 keeps its cache.
   The files go to ``--cache_dir``, or else to a scratch folder on local
-  disk that is removed with the job.
+  disk that is removed with the job (or, if the job was killed, by the
+  next job on that host: trainer/cache_cleanup.py).
 * Reuse: with ``--cache_dir`` (local or gs://) every output is a
   content-addressed entry (trainer/cache_key.py, trainer/cache_store.py). A
   job whose key matches reads the entry instead of computing it: phase 1 of
@@ -20,7 +21,6 @@ frozen outputs (trainer/features.py computes them):
 
 import functools
 import shutil
-import tempfile
 import time
 import uuid
 import weakref
@@ -31,6 +31,7 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
+from trainer import cache_cleanup
 from trainer import cache_key
 from trainer import cache_store
 from trainer import cluster
@@ -170,7 +171,7 @@ class FrozenWork:
 
     @functools.cached_property
     def _scratch(self) -> cache_store.Store:
-        folder = tempfile.mkdtemp(prefix="frozen_work_", dir=self._spill_dir or None)
+        folder = cache_cleanup.scratch_folder(self._spill_dir)
         weakref.finalize(self, shutil.rmtree, folder, True)
         return cache_store.Store(folder)
 
